@@ -1,0 +1,1 @@
+"""Evaluators: they see encoders (and data), never objectives. Installed as ``mmssl.eval``."""

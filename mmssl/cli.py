@@ -1,0 +1,277 @@
+"""The ``mmssl`` command line.
+
+  mmssl pretrain [-m] modality=speech objective=hubert [key=value ...]
+  mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]
+  mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
+  mmssl data pack modality=speech src=DIR out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
+  mmssl convert hubert SRC OUT
+  mmssl list
+
+User errors end with exit code 2 and one line naming the valid choices (MMSSL_DEBUG=1 shows the
+traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _set_threads(spec: Any, procs: int = 1) -> None:
+    import torch
+
+    n = max(1, (os.cpu_count() or 1) // max(procs, 1)) if spec in (None, "auto") else int(spec)
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def _kv(args: list[str], allowed: set[str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        k, eq, v = a.partition("=")
+        if not eq:
+            raise UsageError(f"expected key=value, got {a!r}; keys: {', '.join(sorted(allowed))}")
+        if k not in allowed:
+            raise UsageError(f"unknown key {k!r}; keys: {', '.join(sorted(allowed))}")
+        out[k] = v
+    return out
+
+
+# -- pretrain -----------------------------------------------------------------------------------------
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's own override grammar: ``trainer.seed=0,1 trainer.lr=1e-4,3e-4`` -> 4 jobs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def cmd_pretrain(args: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    jobs = expand_sweep(overrides) if multirun else [overrides]
+    for i, job in enumerate(jobs):
+        if len(jobs) > 1:
+            print(f"[mmssl] sweep job {i + 1}/{len(jobs)}: {' '.join(job)}", file=sys.stderr)
+        pretrain(job, job_index=i if len(jobs) > 1 else None)
+    return 0
+
+
+def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from mmssl.config import cache_dir, check_pair, compose, modalities_of, to_dict
+    from mmssl.data.loader import resolve_source
+    from mmssl.factory import build_encoder, build_objective, encoder_config
+    from mmssl.train.distributed import init_distributed, shutdown
+    from mmssl.train.trainer import Trainer
+
+    cfg = compose(overrides)
+    check_pair(cfg)
+    mods = modalities_of(cfg)
+    if cfg.resume:
+        if not cfg.run_dir or not Path(cfg.run_dir).is_dir():
+            raise UsageError("resume=true needs run_dir=PATH of an existing run")
+        saved = OmegaConf.load(Path(cfg.run_dir) / "config.yaml")
+        ignore = {"resume", "allow_config_change", "cache_dir"}
+        old = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items() if k not in ignore}
+        new = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
+        if old != new and not cfg.allow_config_change:
+            diff = _diff(old, new)
+            raise UsageError(f"the config differs from the saved run ({'; '.join(diff[:4])}); "
+                             f"pass allow_config_change=true to resume anyway")
+    want = cfg.trainer.device
+    kind = "cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available())) else "cpu"
+    info = init_distributed(kind)
+    try:
+        _set_threads(cfg.trainer.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        run_dir = cfg.run_dir
+        if not run_dir:
+            run_dir = f"runs/{'+'.join(mods)}-{cfg.objective.name}/{time.strftime('%Y%m%d-%H%M%S')}"
+            if info.enabled:  # every rank must write into rank 0's folder
+                box = [run_dir]
+                dist.broadcast_object_list(box, src=0)
+                run_dir = box[0]
+        if job_index is not None:
+            run_dir = f"{run_dir}/job{job_index}"
+        run_dir = Path(run_dir)
+        cfg.run_dir = str(run_dir)
+        cache = cache_dir(cfg)
+        torch.manual_seed(int(cfg.trainer.seed))
+        first = cfg.modality[mods[0]]
+        source = resolve_source(to_dict(cfg.data), mods, first.get("preset"), cache)
+        model_over = to_dict(cfg.model)
+        encoders = {m: build_encoder(encoder_config(m, cfg.model.name, to_dict(cfg.modality[m]), model_over))
+                    for m in mods}
+        objective = build_objective(cfg.objective.name, to_dict(cfg.objective), encoders)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume or not (run_dir / "config.yaml").exists() or cfg.allow_config_change:
+                OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            n = sum(p.numel() for p in objective.parameters())
+            print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={cfg.model.name} "
+                  f"({n / 1e6:.2f}M parameters), data={source.root}, run_dir={run_dir}", file=sys.stderr)
+        max_len = first.get("max_len")
+        result = Trainer(to_dict(cfg), objective, source, run_dir, info, cache, max_len).fit()
+        if info.is_main:
+            print(f"[mmssl] done: {result['step']} steps, {result['skipped_steps']} skipped steps, "
+                  f"{result['skipped_samples']} skipped samples; encoders in {run_dir / 'encoders'}",
+                  file=sys.stderr)
+        return run_dir
+    finally:
+        shutdown(info)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
+    import torch
+
+    from mmssl.config import cache_dir, compose, to_dict
+    from mmssl.data.loader import resolve_source
+    from mmssl.export import resolve_encoder_dir
+
+    cfg = compose(args)
+    if not cfg.encoder:
+        raise UsageError("needs encoder=PATH (a run directory or an exported encoder)")
+    enc_dir = resolve_encoder_dir(Path(cfg.encoder))
+    modality = json.loads((enc_dir / "config.json").read_text())["modality"]
+    if modality not in cfg.modality:
+        cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality={modality}"])
+    _set_threads(cfg.trainer.threads)
+    source = resolve_source(to_dict(cfg.data), [modality], cfg.modality[modality].get("preset"), cache_dir(cfg))
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    return cfg, source, enc_dir, device
+
+
+def cmd_eval(args: list[str]) -> int:
+    if not args or args[0] not in ("linear-probe",):
+        raise UsageError("usage: mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]")
+    from mmssl.config import to_dict
+    from mmssl.eval.linear_probe import run_linear_probe
+
+    cfg, source, enc_dir, device = _eval_setup(args[1:])
+    out = Path(cfg.out) if cfg.out else Path(cfg.encoder) / "eval"
+    run_linear_probe(cfg.encoder, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size))
+    return 0
+
+
+def cmd_extract(args: list[str]) -> int:
+    import numpy as np
+
+    from mmssl.eval.features import encoder_fn, extract
+    from mmssl.export import load_encoder
+
+    cfg, source, enc_dir, device = _eval_setup(args)
+    if not cfg.out:
+        raise UsageError("needs out=DIR")
+    enc = load_encoder(enc_dir, device=device)
+    x, y, ids = extract(encoder_fn(enc, int(cfg.eval.layer)), source, cfg.split, device, int(cfg.data.eval_batch_size))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "features.npy", x.numpy())
+    np.save(out / "labels.npy", y.numpy())
+    np.save(out / "sample_ids.npy", ids.numpy())
+    (out / "features.json").write_text(json.dumps({"encoder": str(enc_dir), "split": cfg.split, "layer": int(cfg.eval.layer),
+                                                   "shape": list(x.shape), "data": str(source.root)}, indent=2))
+    print(f"wrote {x.shape[0]} x {x.shape[1]} features of split {cfg.split!r} to {out}/features.npy")
+    return 0
+
+
+# -- data, convert, list ------------------------------------------------------------------------------
+def cmd_data(args: list[str]) -> int:
+    if not args or args[0] != "pack":
+        raise UsageError("usage: mmssl data pack modality=M src=DIR out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]")
+    from mmssl.data.pack import pack
+
+    kv = _kv(args[1:], {"modality", "src", "out", "shards", "val", "test", "seed"})
+    for k in ("modality", "src", "out"):
+        if k not in kv:
+            raise UsageError(f"data pack needs {k}=...")
+    report = pack(kv["modality"], Path(kv["src"]), Path(kv["out"]), num_shards=int(kv.get("shards", 8)),
+                  val=float(kv.get("val", 0.1)), test=float(kv.get("test", 0.2)), seed=int(kv.get("seed", 0)))
+    counts = ", ".join(f"{s} {v['count']}" for s, v in report["splits"].items())
+    bad = report["bad_samples"]
+    print(f"packed {counts} ({len(report['classes'])} classes) into {kv['out']}; "
+          f"skipped {sum(bad.values())} bad files{': ' + json.dumps(bad) if bad else ''}")
+    for line in report.get("bad_files", [])[:20]:
+        print(f"  skipped {line}")
+    return 0
+
+
+def cmd_convert(args: list[str]) -> int:
+    if len(args) != 3 or args[0] != "hubert":
+        raise UsageError("usage: mmssl convert hubert SRC OUT  (SRC: a torchaudio HuBERT state_dict saved with torch.save)")
+    from mmssl.convert.hubert import convert_hubert_file
+
+    out = convert_hubert_file(Path(args[1]), Path(args[2]))
+    print(f"converted {args[1]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
+    return 0
+
+
+def cmd_list(args: list[str]) -> int:
+    from mmssl.config import group_options
+    from mmssl.factory import supported_pairs
+    from mmssl.registry import MODALITIES, OBJECTIVES, PRESETS
+    from mmssl.sizes import SIZES
+
+    print("modalities:  " + ", ".join(MODALITIES.names()))
+    print("objectives:  " + ", ".join(OBJECTIVES.names()))
+    print("data:        " + ", ".join(group_options("data")) + "  (presets: " + ", ".join(PRESETS.names()) + ")")
+    print("model sizes: " + ", ".join(f"{k} ({v['depth']}x{v['dim']})" for k, v in SIZES.items()))
+    print("supported:")
+    for obj, mods in supported_pairs().items():
+        print(f"  objective={obj}: " + (", ".join(f"modality={m}" for m in mods) or "-"))
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "extract": cmd_extract, "data": cmd_data,
+            "convert": cmd_convert, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        print(f"mmssl: error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from mmssl.config import ConfigError
+    from mmssl.train.trainer import TrainingError
+
+    try:
+        return COMMANDS[cmd](argv[1:])
+    except (ConfigError, UsageError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("MMSSL_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mmssl: error: {str(msg).splitlines()[0] if str(msg) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"mmssl: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

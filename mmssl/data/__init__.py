@@ -1,0 +1,1 @@
+"""Data: webdataset shards, presets generated on first use, deterministic resumable streams."""

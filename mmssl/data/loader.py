@@ -1,0 +1,166 @@
+"""Data sources and streams.
+
+Training reads the train split as an infinite, resumable stream: each loader worker plays a *role*;
+role r of rank k reads round after round, round j being one shard drawn with a generator seeded by
+(seed, rank, role, j), shuffled, bucketed by length into batches. So the stream is a function of
+(seed, step), every rank gets the same number of batches, and a batch's position (role, round, batch
+within round) travels with it, which is all resume needs. webdataset's own node splitter, error
+handler and shard-count check are not used (DESIGN.md "Data")."""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmssl.data.shards import BadSample, load_meta, read_samples, split_paths
+from mmssl.registry import MODALITIES, PRESETS
+from mmssl.types import Batch
+
+
+def _seed(*parts: Any) -> int:
+    return int(hashlib.sha1("-".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class DataSource:
+    """A resolved data set: where its shards are, its meta, the codecs of its modalities."""
+
+    root: Path
+    meta: dict[str, Any]
+    modalities: list[str]
+
+    @property
+    def codecs(self) -> dict[str, Any]:
+        return {m: MODALITIES.get(m).codec for m in self.modalities}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the data: generated presets by what made them, packed shards also by location."""
+        counts = sorted((s, v.get("count")) for s, v in self.meta["splits"].items())
+        where = "" if self.meta.get("generator_version") else str(self.root.resolve())
+        return f"{_seed(self.meta.get('name'), self.meta.get('generator_version'), self.meta.get('seed'), counts, where):x}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.get("classes") or [])
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        item: dict[str, Any] = {}
+        for codec in self.codecs.values():
+            item.update(codec.decode(raw))
+        try:
+            item["sample_id"] = int(raw["sid"])
+        except (KeyError, ValueError):
+            raise BadSample(f"missing_field: {raw.get('__key__')}: no integer sid") from None
+        if "cls" in raw:
+            item["label"] = int(raw["cls"])
+        return item
+
+    def length(self, item: dict[str, Any]) -> int:
+        return max(c.length(item) for c in self.codecs.values())
+
+    def collate(self, items: list[dict[str, Any]], max_len: int | None, g: torch.Generator | None,
+                keep_frame_labels: bool = True) -> Batch:
+        batch: Batch = {}
+        for codec in self.codecs.values():
+            batch.update(codec.collate(items, max_len, g, keep_frame_labels))
+        batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
+        if all("label" in it for it in items):
+            batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        return batch
+
+
+def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str | None,
+                   cache_dir: Path) -> DataSource:
+    """``data.name=default`` -> the modality's embedded preset (generated on first use);
+    ``data.name=shards data.path=DIR`` -> packed shards."""
+    name = data_cfg.get("name", "default")
+    if name == "default":
+        if not preset:
+            raise ValueError(f"modality {modalities} has no embedded data preset; use data=shards data.path=DIR")
+        root = PRESETS.get(preset)().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
+    elif name == "shards":
+        if not data_cfg.get("path"):
+            raise ValueError("data=shards needs data.path=DIR (made by `mmssl data pack`)")
+        root = Path(data_cfg["path"])
+        if not (root / "meta.json").exists():
+            raise FileNotFoundError(f"{root} has no meta.json: pack it with `mmssl data pack`")
+    else:
+        root = PRESETS.get(name)().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
+    meta = load_meta(root)
+    if meta.get("modality") and meta["modality"] not in modalities and set(meta.get("modalities", [meta["modality"]])) \
+            .isdisjoint(modalities):
+        raise ValueError(f"data set {root} holds {meta['modality']!r} data, not {', '.join(modalities)}")
+    return DataSource(root, meta, modalities)
+
+
+class TrainStream(IterableDataset):
+    """Infinite batches of the train split (see module docstring). Batches carry ``_role``,
+    ``_round``, ``_next`` (the role's position after this batch) and ``_bad`` (samples skipped)."""
+
+    def __init__(self, source: DataSource, batch_size: int, max_len: int | None, seed: int, rank: int,
+                 num_roles: int, role_shift: int = 0, start: dict[int, tuple[int, int]] | None = None,
+                 on_error: str = "skip") -> None:
+        self.source, self.batch_size, self.max_len = source, batch_size, max_len
+        self.seed, self.rank, self.num_roles, self.role_shift = seed, rank, num_roles, role_shift
+        self.start = dict(start or {})
+        self.on_error = on_error
+        self.shards = split_paths(source.root, "train")
+
+    def __iter__(self) -> Iterator[Batch]:
+        wi = get_worker_info()
+        role = ((wi.id if wi else 0) + self.role_shift) % self.num_roles
+        rnd, k0 = self.start.get(role, (0, 0))
+        while True:
+            g = torch.Generator().manual_seed(_seed(self.seed, self.rank, role, rnd))
+            shard = self.shards[int(torch.randint(len(self.shards), (1,), generator=g))]
+            bad: Counter = Counter()
+            items = list(read_samples([shard], self.source.decode, bad, self.on_error))
+            items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+            nb = len(items) // self.batch_size
+            if nb == 0:
+                raise ValueError(f"shard {shard} has {len(items)} usable samples, fewer than one batch "
+                                 f"of {self.batch_size}: pack fewer, larger shards")
+            # drop a random remainder, then bucket by length so batches carry little padding
+            items = sorted(items[: nb * self.batch_size], key=self.source.length)
+            order = torch.randperm(nb, generator=g).tolist()
+            for k in range(k0, nb):
+                chunk = items[order[k] * self.batch_size:(order[k] + 1) * self.batch_size]
+                cg = torch.Generator().manual_seed(_seed(self.seed, self.rank, role, rnd, k))
+                batch = self.source.collate(chunk, self.max_len, cg, keep_frame_labels=False)
+                nxt = (rnd, k + 1) if k + 1 < nb else (rnd + 1, 0)
+                batch["_role"] = torch.tensor(role)
+                batch["_next"] = torch.tensor(nxt)
+                batch["_bad"] = torch.tensor(sum(bad.values()) if k == 0 else 0)
+                yield batch
+            rnd, k0 = rnd + 1, 0
+
+
+def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=2 if num_workers else None, persistent_workers=False)
+
+
+def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counter | None = None,
+               on_error: str = "skip", buffer: int = 512) -> Iterator[Batch]:
+    """Every usable sample of a split once, in a fixed order, whole (no crops), in batches of similar
+    length. Skipped samples are counted in ``bad``."""
+    bad = bad if bad is not None else Counter()
+    buf: list[dict[str, Any]] = []
+
+    def flush() -> Iterator[Batch]:
+        buf.sort(key=source.length)
+        for i in range(0, len(buf), batch_size):
+            yield source.collate(buf[i:i + batch_size], None, None)
+        buf.clear()
+
+    for item in read_samples(split_paths(source.root, split), source.decode, bad, on_error):
+        buf.append(item)
+        if len(buf) >= buffer:
+            yield from flush()
+    yield from flush()

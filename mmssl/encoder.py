@@ -1,0 +1,105 @@
+"""Encoder = modality adapter + shared transformer backbone + pooling; masking happens here, once."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mmssl.backbone import Backbone, BackboneConfig
+from mmssl.modalities.base import ModalityAdapter
+from mmssl.types import Batch, EncoderOutput, Tokens
+
+MaskMode = Literal["drop", "replace"]
+
+
+def drop_hidden(tokens: Tokens, token_mask: torch.Tensor) -> tuple[Tokens, torch.Tensor]:
+    """Keep visible non-padding tokens first, in order (MAE's argsort trick, made stable).
+
+    token_mask: [B, N] True = hidden. Returns (tokens with N' = max visible count, keep [B, N'] int64).
+    Samples with fewer visible tokens are padded (pad=True) up to N'."""
+    hidden = token_mask | tokens.pad
+    order = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)
+    n_keep = int((~hidden).sum(1).max())
+    keep = order[:, :n_keep]
+    kept = tokens.select(keep)
+    kept.pad = torch.gather(hidden, 1, keep)
+    return kept, keep
+
+
+class Encoder(nn.Module):
+    """forward(batch) -> EncoderOutput(last [B,N,D], layers, pad); embed(batch) -> [B, D]."""
+
+    def __init__(self, adapter: ModalityAdapter, backbone: BackboneConfig, pool: str = "mean",
+                 num_prefix: int = 0) -> None:
+        super().__init__()
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
+        if adapter.dim != backbone.dim:
+            raise ValueError(f"adapter width {adapter.dim} != backbone width {backbone.dim}")
+        self.adapter = adapter
+        self.backbone = backbone_module = Backbone(backbone)
+        self.backbone_cfg = backbone
+        self.pool = pool
+        num_prefix = max(num_prefix, 1 if pool == "cls" else 0)
+        self.prefix = nn.Parameter(torch.zeros(1, num_prefix, backbone.dim)) if num_prefix else None
+        if self.prefix is not None:
+            nn.init.trunc_normal_(self.prefix, std=0.02)
+        # HuBERT initialises its mask embedding uniformly in [0, 1).
+        self.mask_embedding = nn.Parameter(torch.rand(backbone.dim))
+        self.dim = backbone_module.cfg.dim
+
+    @property
+    def depth(self) -> int:
+        return self.backbone_cfg.depth
+
+    def forward(self, batch: Batch, token_mask: torch.Tensor | None = None, mask_mode: str = "drop",
+                return_layers: bool = False, return_ffn: bool = False) -> EncoderOutput:
+        tokens = self.adapter.tokenize(batch)
+        return self.encode(tokens, token_mask, mask_mode, return_layers, return_ffn)
+
+    def encode(self, tokens: Tokens, token_mask: torch.Tensor | None = None, mask_mode: str = "drop",
+               return_layers: bool = False, return_ffn: bool = False) -> EncoderOutput:
+        """Encode already-tokenised input. token_mask: [B, N] bool, True = hidden."""
+        x = tokens.x.masked_fill(tokens.pad[..., None], 0.0)
+        tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index)
+        keep = None
+        if token_mask is not None:
+            token_mask = token_mask & ~tokens.pad
+            if mask_mode == "replace":
+                x = torch.where(token_mask[..., None], self.mask_embedding.to(x.dtype), tokens.x)
+                tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index)
+            elif mask_mode == "drop":
+                tokens, keep = drop_hidden(tokens, token_mask)
+            else:
+                raise ValueError(f"mask_mode must be 'drop' or 'replace', not {mask_mode!r}")
+        x = tokens.x + tokens.pos
+        pad = tokens.pad
+        if self.adapter.content_position is not None:
+            x = x + self.adapter.content_position(x, pad)
+        n_prefix = 0
+        if self.prefix is not None:
+            n_prefix = self.prefix.shape[1]
+            x = torch.cat([self.prefix.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+            pad = torch.cat([pad.new_zeros(x.shape[0], n_prefix), pad], 1)
+        last, layers, ffn = self.backbone(x, pad, return_layers, return_ffn)
+        out = EncoderOutput(last=last[:, n_prefix:], pad=tokens.pad, index=tokens.index,
+                            layers=[h[:, n_prefix:] for h in layers], ffn=[f[:, n_prefix:] for f in ffn],
+                            keep=keep)
+        out.prefix = last[:, :n_prefix]  # type: ignore[attr-defined]
+        return out
+
+    def embed(self, batch: Batch, layer: int = -1) -> torch.Tensor:
+        """Pooled features [B, D]. layer=-1 is the final output (after the final norm when pre-norm);
+        layer=i in [0, depth) is block i's output."""
+        out = self.forward(batch, return_layers=layer != -1)
+        if self.pool == "cls" and layer == -1:
+            return out.prefix[:, 0]  # type: ignore[attr-defined]
+        h = out.last if layer == -1 else out.layers[layer]
+        return masked_mean(h, out.pad)
+
+
+def masked_mean(h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """h: [B, N, D], pad: [B, N] True = padding -> [B, D] mean over real tokens."""
+    w = (~pad).to(h.dtype)[..., None]
+    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)

@@ -1,0 +1,77 @@
+"""Build encoders and objectives from configs (open_clip's factory pattern: models are data)."""
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any
+
+from mmssl import __version__
+from mmssl.backbone import BackboneConfig
+from mmssl.encoder import Encoder
+from mmssl.registry import MODALITIES, OBJECTIVES
+from mmssl.sizes import size_spec
+
+FORMAT_VERSION = 1
+
+
+def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
+                   model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The complete description of one tower, as written into an export's ``config.json``.
+
+    Size numbers come from ``sizes``; architecture details from the modality config, whose
+    ``sizes.<size>`` entries refine them per size; ``model.*`` keys override backbone numbers."""
+    per_size = (modality_cfg.get("sizes") or {}).get(size) or {}
+    backbone = size_spec(size)
+    backbone.update(modality_cfg.get("backbone") or {})
+    backbone.update(per_size.get("backbone") or {})
+    known = {f.name for f in fields(BackboneConfig)}
+    for k, v in (model_overrides or {}).items():
+        if k == "name":
+            continue
+        if k not in known:
+            raise KeyError(f"unknown model key {k!r}; choose one of: {', '.join(sorted(known))}")
+        backbone[k] = v
+    adapter = dict(modality_cfg.get("adapter") or {})
+    adapter.update(per_size.get("adapter") or {})
+    return {
+        "format_version": FORMAT_VERSION,
+        "mmssl_version": __version__,
+        "modality": modality,
+        "size": size,
+        "backbone": asdict(BackboneConfig(**backbone)),
+        "adapter": adapter,
+        "pool": modality_cfg.get("pool", "mean"),
+        "num_prefix": int(modality_cfg.get("num_prefix", 0)),
+    }
+
+
+def build_encoder(cfg: dict[str, Any]) -> Encoder:
+    """Encoder from an ``encoder_config`` dict (or a loaded ``config.json``)."""
+    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"encoder format {cfg['format_version']} is newer than this mmssl reads ({FORMAT_VERSION})")
+    backbone = BackboneConfig(**cfg["backbone"])
+    adapter_cls = MODALITIES.get(cfg["modality"])
+    adapter = adapter_cls(backbone.dim, cfg.get("adapter") or {})
+    enc = Encoder(adapter, backbone, pool=cfg.get("pool", "mean"), num_prefix=int(cfg.get("num_prefix", 0)))
+    enc.config = dict(cfg, preprocessing=adapter.preprocessing())  # type: ignore[attr-defined]
+    return enc
+
+
+def build_objective(name: str, cfg: dict[str, Any], encoders: dict[str, Encoder]):
+    obj_cls = OBJECTIVES.get(name)
+    why = obj_cls.supports(list(encoders))
+    if why:
+        raise ValueError(why)
+    return obj_cls.build(cfg, encoders)
+
+
+def supported_pairs() -> dict[str, list[str]]:
+    """objective -> the single modalities (or pairs) it supports."""
+    out: dict[str, list[str]] = {}
+    mods = MODALITIES.names()
+    for name in OBJECTIVES.names():
+        cls = OBJECTIVES.get(name)
+        if cls.num_modalities == 1:
+            out[name] = [m for m in mods if cls.supports([m]) is None]
+        else:
+            out[name] = [f"[{a},{b}]" for a in mods for b in mods if a != b and cls.supports([a, b]) is None]
+    return out

@@ -1,0 +1,171 @@
+"""Discrete-unit targets for masked prediction (HuBERT): fitted once per data set, cached on disk.
+
+A unit table maps each training sample id to its frame labels: ``units.safetensors`` holds one flat
+int16 array of labels plus per-sample offsets and lengths; ``meta.json`` says what made them (k,
+feature, teacher, layer, frame rate, data fingerprint, centroid hash). Iteration 1 clusters the
+adapter's hand-made ``unit_features`` (MFCC for speech); iteration 2 clusters layer L of a previous
+run's encoder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmssl.kmeans import StreamingKMeans, pnmi
+from mmssl.objectives.base import PrepareContext
+from mmssl.types import Batch
+
+FeatureFn = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # -> ([B, N, F], pad [B, N])
+
+
+class UnitTable(torch.nn.Module):
+    """Frame labels by (sample id, frame index), held as non-persistent buffers (not checkpointed:
+    they are rebuilt from the cache)."""
+
+    def __init__(self, units: torch.Tensor, sample_ids: torch.Tensor, offsets: torch.Tensor,
+                 lengths: torch.Tensor, meta: dict[str, Any]) -> None:
+        super().__init__()
+        n = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
+        row = torch.full((n,), -1, dtype=torch.long)
+        row[sample_ids.long()] = torch.arange(sample_ids.numel())
+        self.register_buffer("units", units.long(), persistent=False)
+        self.register_buffer("row", row, persistent=False)
+        self.register_buffer("offsets", offsets.long(), persistent=False)
+        self.register_buffer("lengths", lengths.long(), persistent=False)
+        self.meta = meta
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    def lookup(self, sample_id: torch.Tensor, frame: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """sample_id: [B], frame: [B, N] absolute frame index, pad: [B, N] -> labels [B, N] (-100 at pad).
+
+        Raises if a sample has no units or a frame lies past its labelled length: label frames must
+        align exactly with encoder frames."""
+        sid = sample_id.long()
+        if bool((sid >= self.row.numel()).any()) or bool((self.row[sid.clamp_max(self.row.numel() - 1)] < 0).any()):
+            raise KeyError("a training sample has no unit labels: the targets were fitted on other data "
+                           "(delete the targets cache or point objective.targets_dir elsewhere)")
+        r = self.row[sid]
+        length = self.lengths[r][:, None]
+        real = ~pad
+        if bool((real & (frame >= length)).any()):
+            raise ValueError("encoder frames run past the unit labels: frame alignment is broken")
+        idx = (self.offsets[r][:, None] + frame.clamp_max(length - 1).clamp_min(0))
+        return torch.where(real, self.units[idx], torch.full_like(idx, -100))
+
+
+def fingerprint(**parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _frames(ctx: PrepareContext, feature_fn: FeatureFn, labels_key: str | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yield (sample_id [B], features [B, N, F], pad [B, N], frame_labels [B, N] or None) over train."""
+    for batch in ctx.iter_split("train"):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        with torch.no_grad():
+            feats, pad = feature_fn(batch)
+        fl = batch.get(labels_key) if labels_key else None
+        yield batch["sample_id"], feats.float(), pad, fl
+
+
+def _dump_features(ctx: PrepareContext, feature_fn: FeatureFn, path: Path, labels_key: str
+                   ) -> tuple[int, int, list[int], list[int], list[torch.Tensor]]:
+    """One pass over the train split, appending each real frame's features to a float32 file, so the
+    k-means passes that follow read a memory map instead of recomputing features (as HuBERT's recipes
+    dump features), and the features never need to fit in memory.
+    Returns (rows, dim, sample ids, frames per sample, frame labels per sample if the data has them)."""
+    ids, lens, phones = [], [], []
+    rows, dim = 0, 0
+    with open(path, "wb") as f:
+        for sid, feats, pad, fl in _frames(ctx, feature_fn, labels_key):
+            real = feats[~pad]  # row-major: sample by sample, frame by frame
+            dim = real.shape[-1]
+            f.write(real.cpu().numpy().astype(np.float32, copy=False).tobytes())
+            rows += real.shape[0]
+            n = (~pad).sum(1)
+            for i in range(feats.shape[0]):
+                ids.append(int(sid[i]))
+                lens.append(int(n[i]))
+                if fl is not None:
+                    phones.append(fl[i, : n[i]].cpu())
+    return rows, dim, ids, lens, phones
+
+
+def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str, Any], out_dir: Path,
+              seed: int = 0, max_iter: int = 30, frame_labels_key: str = "frame_label",
+              chunk_rows: int = 65536) -> dict[str, Any]:
+    """Fit k-means on the train split's per-frame features and write the unit table atomically into
+    ``out_dir``. Returns the meta written (with cluster usage, and PNMI where the data has frame
+    labels)."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-units-", dir=out_dir.parent))
+    try:
+        rows, dim, ids, lens, phones = _dump_features(ctx, feature_fn, tmp / "features.f32", frame_labels_key)
+        if rows == 0:
+            raise ValueError("the train split produced no frames to cluster")
+        mm = np.memmap(tmp / "features.f32", dtype=np.float32, mode="r", shape=(rows, dim))
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for i in range(0, rows, chunk_rows):
+                yield torch.from_numpy(np.array(mm[i:i + chunk_rows]))
+
+        km = StreamingKMeans(k, max_iter=max_iter, seed=seed, device=ctx.device).fit(chunks)
+        flat = torch.cat([km.predict(c.to(km.centroids.device)).cpu() for c in chunks()]).to(torch.int16)
+        del mm
+        (tmp / "features.f32").unlink()
+        lengths = torch.tensor(lens, dtype=torch.long)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        usage = km.cluster_usage(flat.long())
+        meta = dict(meta, k=k, inertia=km.inertia_, num_frames=rows, num_samples=len(ids), cluster_usage=usage,
+                    data=ctx.data_fingerprint,
+                    centroids_sha1=hashlib.sha1(km.centroids.cpu().numpy().tobytes()).hexdigest())
+        if phones:
+            meta["pnmi"] = pnmi(flat.numpy(), torch.cat(phones).numpy())
+        save_file({"units": flat, "sample_ids": torch.tensor(ids, dtype=torch.long), "offsets": offsets,
+                   "lengths": lengths}, str(tmp / "units.safetensors"))
+        save_file({"centroids": km.centroids.cpu().contiguous()}, str(tmp / "centroids.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def load_units(path: Path, expect: dict[str, Any] | None = None) -> UnitTable:
+    """Load a unit table; ``expect`` keys (k, feature, layer, frame_rate, ...) must match its meta."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    for key, val in (expect or {}).items():
+        if key in meta and meta[key] != val:
+            raise ValueError(f"targets in {path} have {key}={meta[key]!r}, this run expects {val!r}")
+    t = load_file(str(path / "units.safetensors"))
+    return UnitTable(t["units"], t["sample_ids"], t["offsets"], t["lengths"], meta)
+
+
+def frame_pnmi(table: UnitTable, ctx: PrepareContext, key: str = "frame_label") -> float | None:
+    """PNMI of cached units against the data's own frame labels, where the data has them."""
+    got_u, got_l = [], []
+    for batch in ctx.iter_split("train"):
+        if key not in batch:
+            return None
+        pad = batch[key] < 0
+        frame = torch.arange(pad.shape[1])[None].expand_as(pad)
+        lab = table.lookup(batch["sample_id"].to(table.units.device), frame.to(table.units.device),
+                           pad.to(table.units.device)).cpu()
+        got_u.append(lab[~pad])
+        got_l.append(batch[key][~pad])
+    return pnmi(np.concatenate([u.numpy() for u in got_u]), np.concatenate([x.numpy() for x in got_l]))

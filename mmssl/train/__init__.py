@@ -1,0 +1,1 @@
+"""The modality-agnostic trainer."""

@@ -1,0 +1,90 @@
+"""Atomic checkpoints: safetensors weights, the optimizer state through torch.save (read back with
+weights_only=True), RNG states and data positions as tensors/JSON. Nothing here unpickles code."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmssl.export import replace_dir
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    s = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            s[f"cuda{i}"] = t
+    return s
+
+
+def set_rng_state(s: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(s["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in s])
+
+
+def tmp_dir(ckpt_root: Path, name: str) -> Path:
+    return ckpt_root / f".tmp-{name}"
+
+
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
+    """Every rank writes its own RNG and data position into the shared temporary folder."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / f"rng_rank{rank}.safetensors"))
+    (tmp / f"state_rank{rank}.json").write_text(json.dumps(state))
+
+
+def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+           names: list[str], ckpt_root: Path) -> None:
+    """Rank 0: add weights, optimizer and meta, then move the folder into place under each name."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+    for i, name in enumerate(names):
+        dst = ckpt_root / name
+        if i < len(names) - 1:
+            src = tmp.with_name(tmp.name + f"-{name}")
+            if src.exists():
+                shutil.rmtree(src)
+            shutil.copytree(tmp, src)
+            replace_dir(src, dst)
+        else:
+            replace_dir(tmp, dst)
+
+
+def find(ckpt_root: Path, name: str = "last") -> Path | None:
+    for cand in (ckpt_root / name, ckpt_root / f"{name}.old"):
+        if (cand / "trainer.json").exists():
+            return cand
+    return None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int,
+         device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore weights, optimizer and this rank's RNG; returns (trainer meta, this rank's state)."""
+    state = load_file(str(path / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{path} has no state for rank {rank}: resume with the same number of processes")
+    set_rng_state(load_file(str(rng_file)))
+    meta = json.loads((path / "trainer.json").read_text())
+    rank_state = json.loads((path / f"state_rank{rank}.json").read_text())
+    return meta, rank_state
+
+
+def remove_stale_tmp(ckpt_root: Path) -> None:
+    """Half-written checkpoints of a crashed run are temporary folders; clear them."""
+    if ckpt_root.exists():
+        for p in ckpt_root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    os.makedirs(ckpt_root, exist_ok=True)

@@ -1,0 +1,257 @@
+"""The trainer: optimisation, precision, accumulation, logging, checkpoints, resume, DDP.
+
+It sees an Objective and a DataSource and nothing of modalities."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mmssl.data.loader import DataSource, TrainStream, iter_split, train_loader
+from mmssl.export import load_encoder, save_encoder, save_heads
+from mmssl.objectives.base import Objective, PrepareContext
+from mmssl.train import checkpoint as ckpt
+from mmssl.train.distributed import DistInfo, any_true, barrier
+from mmssl.train.logger import MetricsLogger, plot_loss
+from mmssl.train.schedule import lr_factor
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def pick_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(dist_info.local_rank)
+        return torch.device("cuda", dist_info.local_rank)
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and embeddings-like vectors (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], objective: Objective, source: DataSource, run_dir: Path,
+                 dist_info: DistInfo, cache_dir: Path, max_len: int | None = None) -> None:
+        self.cfg = cfg
+        self.t = cfg["trainer"]
+        self.objective = objective
+        self.source = source
+        self.run_dir = Path(run_dir)
+        self.dist = dist_info
+        self.cache_dir = cache_dir
+        self.max_len = max_len
+        self.device = pick_device(self.t.get("device", "auto"), dist_info)
+        prec = self.t.get("precision", "auto")
+        self.autocast_dtype = torch.bfloat16 if (prec == "bf16" or (prec == "auto" and self.device.type == "cuda")) \
+            else None
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _prepare_ctx(self) -> PrepareContext:
+        bs = int(self.cfg["data"].get("eval_batch_size", 32))
+        return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
+                              device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
+                              data_fingerprint=self.source.fingerprint, is_main=self.dist.is_main,
+                              barrier=lambda: barrier(self.dist))
+
+    def _load_init(self, path: str) -> None:
+        for m, tower in self.objective.encoders.items():
+            src = load_encoder(path, modality=m)
+            missing, unexpected = tower.load_state_dict(src.state_dict(), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"init={path}: the {m} encoder does not match this model "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            self._say(f"[mmssl] initialised the {m} encoder from {src.source}")  # type: ignore[attr-defined]
+
+    def _export(self, which: str, step: int) -> None:
+        for m, tower in self.objective.encoders.items():
+            save_encoder(tower, self.run_dir / which / m,
+                         extra={"objective": self.objective.name, "step": step})
+        if which == "encoders":
+            save_heads(self.objective.heads(), self.run_dir / "heads")
+
+    def _save(self, step: int, consumed: int, roles: dict[int, list[int]], counters: dict[str, int],
+              names: list[str]) -> None:
+        tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{step}")
+        barrier(self.dist)
+        ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in roles.items()}})
+        barrier(self.dist)
+        if self.dist.is_main:
+            meta = {"step": step, "consumed_batches": consumed, "world_size": self.dist.world,
+                    "num_workers": int(self.t.get("num_workers", 0)), **counters}
+            ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
+        barrier(self.dist)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.t
+        max_steps, accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
+        workers = int(t.get("num_workers", 0))
+        obj = self.objective.to(self.device)
+        resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
+        if self.cfg.get("resume") and resume_from is None:
+            self._say(f"[mmssl] no checkpoint in {self.ckpt_root}: starting from step 0")
+        if resume_from is None:
+            if self.cfg.get("init"):
+                self._load_init(str(self.cfg["init"]))
+            if self.dist.is_main:
+                self._export("encoders_init", 0)  # the probe's step-0 baseline
+        if self.dist.is_main:
+            ckpt.remove_stale_tmp(self.ckpt_root)
+        barrier(self.dist)
+
+        info = obj.prepare(self._prepare_ctx())
+        self.logger = MetricsLogger(self.run_dir, self.dist.is_main, bool(t.get("tensorboard", True)))
+        if info:
+            self.logger.log({"event": "prepare", **info})
+            self._say("[mmssl] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in info.items()))
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups(obj, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
+            betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
+            fused=self.device.type == "cuda")
+        step, consumed = 0, 0
+        roles: dict[int, list[int]] = {}
+        counters = {"skipped_samples": 0, "skipped_steps": 0}
+        if resume_from is not None:
+            meta, rank_state = ckpt.load(resume_from, obj, self.optimizer, self.dist.rank, self.device)
+            if meta["world_size"] != self.dist.world:
+                raise ValueError(f"checkpoint was written by {meta['world_size']} processes, not {self.dist.world}")
+            if meta["num_workers"] != workers:
+                raise ValueError(f"checkpoint was written with trainer.num_workers={meta['num_workers']}; "
+                                 f"resume with the same value for an identical stream")
+            step, consumed = meta["step"], meta["consumed_batches"]
+            counters = {k: meta.get(k, 0) for k in counters}
+            roles = {int(k): v for k, v in rank_state["roles"].items()}
+            self._say(f"[mmssl] resumed from {resume_from} at step {step}")
+
+        model: nn.Module = obj
+        if self.dist.enabled:
+            model = DDP(obj, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                        broadcast_buffers=False,
+                        find_unused_parameters=bool(t.get("find_unused_parameters", False)))
+        n_roles = max(workers, 1)
+        stream = TrainStream(self.source, int(t["batch_size"]), self.max_len, int(t["seed"]), self.dist.rank,
+                             n_roles, role_shift=consumed % n_roles, start={k: tuple(v) for k, v in roles.items()},
+                             on_error=self.cfg["data"].get("on_error", "skip"))
+        loader = iter(train_loader(stream, workers))
+
+        warmup = int(t.get("warmup_steps", 0))
+        log_every, every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
+        max_bad = int(t.get("max_nonfinite", 5))
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        n_sum, items, t0, bad_run = 0, 0, time.perf_counter(), 0
+        progress = _Progress(max_steps, step, enabled=self.dist.is_main and bool(t.get("progress", True)))
+        obj.train()
+        while step < max_steps:
+            lr = float(t["lr"]) * lr_factor(step, max_steps, warmup, t.get("schedule", "cosine"),
+                                             float(t.get("min_lr_factor", 0.0)))
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=self.device)
+            for micro in range(accum):
+                batch = next(loader)
+                roles[int(batch.pop("_role"))] = batch.pop("_next").tolist()
+                counters["skipped_samples"] += int(batch.pop("_bad"))
+                consumed += 1
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                items += next(iter(batch.values())).shape[0]
+                sync = contextlib.nullcontext() if (micro == accum - 1 or not self.dist.enabled) else model.no_sync()
+                with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                          enabled=self.autocast_dtype is not None):
+                    out = model(batch)
+                    loss = out.loss / accum
+                loss.backward()
+                step_loss += loss.detach()
+                for k, v in out.metrics.items():
+                    sums[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
+            clip = float(t.get("clip_grad", 0.0))
+            norm = torch.nn.utils.clip_grad_norm_(obj.parameters(), clip if clip > 0 else float("inf"))
+            if any_true(~torch.isfinite(norm) | ~torch.isfinite(step_loss), self.dist):
+                self.optimizer.zero_grad(set_to_none=True)
+                counters["skipped_steps"] += 1
+                bad_run += 1
+                self.logger.log({"step": step, "event": "nonfinite_step_skipped",
+                                 "skipped_steps": counters["skipped_steps"]})
+                if bad_run > max_bad:
+                    raise TrainingError(f"{bad_run} non-finite steps in a row at step {step}: lower trainer.lr, "
+                                        f"check the data, or raise trainer.max_nonfinite")
+                continue
+            bad_run = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            obj.after_step(step)
+            step += 1
+            sums["loss"] += step_loss
+            sums["grad_norm"] += norm.detach().float()
+            n_sum += 1
+            if step % log_every == 0 or step == max_steps:
+                dt = time.perf_counter() - t0
+                rec = {"step": step, "lr": lr, **{k: float(v) / n_sum for k, v in sums.items()},
+                       "items_per_s": items * self.dist.world / dt, **counters}
+                self.logger.log(rec)
+                progress.update(step, rec)
+                sums.clear()
+                n_sum, items, t0 = 0, 0, time.perf_counter()
+            names = []
+            if every and step % every == 0:
+                names.append(f"step_{step}")
+            if step == max_steps or (every and step % every == 0):
+                names.append("last")
+                self._save(step, consumed, roles, counters, names)
+        progress.close()
+        if self.dist.is_main:
+            self._export("encoders", step)
+            plot_loss(self.run_dir)
+        barrier(self.dist)
+        self.logger.close()
+        return {"step": step, **counters}
+
+
+class _Progress:
+    """A rich progress bar on a terminal; one plain line per log interval otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {rec['loss']:.3f}  {rec['items_per_s']:.1f} items/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"[mmssl] step {step}  {info}  lr {rec['lr']:.2e}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

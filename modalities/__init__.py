@@ -1,0 +1,4 @@
+"""Modality adapters (installed as ``mmssl.modalities``)."""
+from mmssl.modalities.base import ModalityAdapter
+
+__all__ = ["ModalityAdapter"]

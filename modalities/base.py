@@ -1,0 +1,66 @@
+"""The ModalityAdapter contract (DESIGN.md): raw batch -> tokens, targets, masks, views, baselines.
+
+Adapters know nothing about objectives. Every method takes the dict batch of the data pipeline."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmssl.types import Batch, Tokens
+
+
+class ModalityAdapter(nn.Module, ABC):
+    """Base class. Subclasses set ``name`` and ``dim`` and implement the abstract methods.
+
+    ``content_position`` (optional) is a module ``(x [B,N,D], pad [B,N]) -> [B,N,D]`` for position
+    encodings computed from content (HuBERT's convolutional relative position). The Encoder applies it
+    *after* masking, so hidden content never leaks back through it."""
+
+    name: str = ""
+    content_position: nn.Module | None = None
+
+    def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.cfg = dict(cfg or {})
+
+    @abstractmethod
+    def tokenize(self, batch: Batch) -> Tokens:
+        """-> Tokens(x [B,N,D], pos [B,N,D], pad [B,N], index [B,N,k])."""
+
+    @abstractmethod
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """-> [B, N, P] per-token reconstruction targets, aligned with ``tokenize``."""
+
+    @abstractmethod
+    def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pred, target: [B, N, P]; mask: [B, N] bool (True = count) -> scalar."""
+
+    @abstractmethod
+    def make_mask(self, tokens: Tokens, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """-> [B, N] bool, True = hidden; about ``ratio`` of the non-padding tokens; never padding."""
+
+    @abstractmethod
+    def views(self, batch: Batch, n_global: int, n_local: int) -> list[Batch]:
+        """-> n_global + n_local stochastic views of the batch (global ones first)."""
+
+    @abstractmethod
+    def baseline_features(self, batch: Batch) -> torch.Tensor:
+        """-> [B, F] a classical hand-made feature, for context beside learned features."""
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (features [B, N, F], pad [B, N]): hand-made per-token features aligned with the tokens of
+        ``tokenize``; first-iteration targets for discrete-unit objectives (HuBERT's MFCC k-means)."""
+        raise TypeError(f"modality {self.name!r} defines no per-token unit features")
+
+    def num_tokens(self, batch: Batch) -> torch.Tensor:
+        """-> [B] int64 number of non-padding tokens per sample, without running the network."""
+        t = self.tokenize(batch)
+        return (~t.pad).sum(1)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing this adapter expects, written into an export's config.json."""
+        return {}
