@@ -20,6 +20,7 @@ class ModalityAdapter(nn.Module, ABC):
     *after* masking, so hidden content never leaks back through it."""
 
     name: str = ""
+    unit_features_id: str = ""
     content_position: nn.Module | None = None
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:

@@ -86,6 +86,7 @@ class HuBERT(Objective):
         meta: dict[str, Any] = {"feature": self.target_kind, "frame_rate": adapter.preprocessing().get("sample_rate", 0)
                                 / max(adapter.preprocessing().get("frame_hop", 1), 1)}
         if self.target_kind == "mfcc":
+            meta["feature_impl"] = adapter.unit_features_id
             return meta, adapter.unit_features
         from mmssl.export import load_encoder, resolve_encoder_dir
 

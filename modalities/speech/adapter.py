@@ -19,46 +19,83 @@ from mmssl.types import Batch, Tokens
 CONV_SHAPE = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
 
 
+class TimeNorm(nn.Module):
+    """Per-channel normalisation over the real (non-padding) time steps of each utterance: HuBERT
+    Base's first-layer GroupNorm(C, C), except that padding never enters the statistics, so a padded
+    utterance gets exactly the features it gets alone. x: [B, C, T], valid: [B, 1, T] bool."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if valid is None:
+            mean = x.mean(-1, keepdim=True)
+            var = x.var(-1, keepdim=True, unbiased=False)
+        else:
+            w = valid.to(x.dtype)
+            cnt = w.sum(-1, keepdim=True).clamp_min(1.0)
+            mean = (x * w).sum(-1, keepdim=True) / cnt
+            var = (((x - mean) * w) ** 2).sum(-1, keepdim=True) / cnt
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None] + self.bias[:, None]
+
+
 class ConvLayer(nn.Module):
     """Conv1d (no bias, as HuBERT) + optional norm + GELU. x: [B, C, T] -> [B, C', T']."""
 
     def __init__(self, c_in: int, c_out: int, k: int, s: int, norm: str | None, bias: bool) -> None:
         super().__init__()
         self.conv = nn.Conv1d(c_in, c_out, k, stride=s, bias=bias)
+        self.kernel, self.stride = k, s
         self.norm_kind = norm
         if norm == "group_norm":  # one group per channel over time (HuBERT Base, first layer only)
-            self.norm: nn.Module | None = nn.GroupNorm(c_out, c_out, affine=True)
-        elif norm == "layer_norm":  # per frame over channels: padding cannot leak across time
+            self.norm: nn.Module | None = TimeNorm(c_out)
+        elif norm == "layer_norm":  # per frame over channels
             self.norm = nn.LayerNorm(c_out)
         else:
             self.norm = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths - self.kernel, self.stride, rounding_mode="floor") + 1
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv(x)
         if self.norm_kind == "layer_norm":
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)  # type: ignore[misc]
-        elif self.norm is not None:
-            x = self.norm(x)
+        elif self.norm_kind == "group_norm":
+            valid = None if lengths is None else \
+                (torch.arange(x.shape[-1], device=x.device)[None] < self.out_lengths(lengths)[:, None])[:, None]
+            x = self.norm(x, valid)  # type: ignore[misc]
         return F.gelu(x)
 
 
 class FeatureExtractor(nn.Module):
-    """wav [B, T] -> frames [B, N, C], N = floor((T - 400) / 320) + 1."""
+    """wav [B, T] (+ lengths [B]) -> frames [B, N, C], N = floor((T - 400) / 320) + 1."""
 
-    def __init__(self, channels: int, norm: str, bias: bool = False) -> None:
+    def __init__(self, channels: int | list[int], norm: str, bias: bool = False) -> None:
         super().__init__()
+        widths = [int(channels)] * len(CONV_SHAPE) if isinstance(channels, int) else [int(c) for c in channels]
+        if len(widths) != len(CONV_SHAPE):
+            raise ValueError(f"frontend_channels needs one width or {len(CONV_SHAPE)}, got {len(widths)}")
+        if norm not in ("group_norm", "layer_norm", "none"):
+            raise ValueError(f"frontend_norm must be group_norm, layer_norm or none, not {norm!r}")
         layers = []
         c_in = 1
-        for i, (k, s) in enumerate(CONV_SHAPE):
+        for i, ((k, s), c_out) in enumerate(zip(CONV_SHAPE, widths)):
             layer_norm = norm if norm == "layer_norm" else ("group_norm" if i == 0 and norm == "group_norm" else None)
-            layers.append(ConvLayer(c_in, channels, k, s, layer_norm, bias))
-            c_in = channels
+            layers.append(ConvLayer(c_in, c_out, k, s, layer_norm, bias))
+            c_in = c_out
         self.conv_layers = nn.ModuleList(layers)
+        self.out_channels = c_in
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = wav[:, None]
         for layer in self.conv_layers:
-            x = layer(x)
+            x = layer(x, lengths)
+            if lengths is not None:
+                lengths = layer.out_lengths(lengths)
         return x.transpose(1, 2)
 
 
@@ -98,13 +135,17 @@ class SpeechAdapter(ModalityAdapter):
     ``index`` is the frame's position in the whole recording and frame targets stay aligned."""
 
     name = "speech"
+    #: identifies what unit_features computes, so cached unit targets are rebuilt when it changes
+    unit_features_id = "mfcc13+delta+delta2,cmvn-per-utterance,n_fft400,hop320"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
         c = self.cfg
-        channels = int(c.get("frontend_channels", 512))
-        self.feature_extractor = FeatureExtractor(channels, c.get("frontend_norm", "layer_norm"),
+        chan = c.get("frontend_channels", 512)
+        self.feature_extractor = FeatureExtractor(chan if isinstance(chan, int) else list(chan),
+                                                  c.get("frontend_norm", "layer_norm"),
                                                   bias=bool(c.get("frontend_bias", False)))
+        channels = self.feature_extractor.out_channels
         self.feature_norm = nn.LayerNorm(channels)
         self.feature_proj = nn.Linear(channels, dim)
         self.feature_dropout = nn.Dropout(float(c.get("feature_dropout", 0.0)))
@@ -128,7 +169,9 @@ class SpeechAdapter(ModalityAdapter):
 
     def tokenize(self, batch: Batch) -> Tokens:
         wav = batch["speech"]
-        frames = self.feature_extractor(wav.to(self.feature_proj.weight.dtype))  # [B, N, C]
+        lengths = batch.get("speech_len")
+        frames = self.feature_extractor(wav.to(self.feature_proj.weight.dtype),
+                                        None if lengths is None else lengths.to(wav.device))  # [B, N, C]
         B, N, _ = frames.shape
         x = self.feature_dropout(self.feature_proj(self.feature_norm(frames)))
         n = num_frames(self._lengths(batch))
@@ -215,8 +258,16 @@ class SpeechAdapter(ModalityAdapter):
 
     # -- features -------------------------------------------------------------------------------------
     def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """MFCC (13) + deltas + delta-deltas per frame: [B, N, 39], computed per utterance."""
-        return per_utterance(self.mfcc, batch["speech"], self._lengths(batch))
+        """MFCC (13) + deltas + delta-deltas per frame, each utterance mean- and variance-normalised
+        (CMVN): [B, N, 39]. Without CMVN, k-means clusters mostly the log energy (c0), i.e. recording
+        level, which the per-frame-normalised front-end cannot see; with it, units follow spectral
+        shape (tested: the unit's PNMI against phones and the model's unit accuracy both rise)."""
+        feats, pad = per_utterance(self.mfcc, batch["speech"], self._lengths(batch))
+        w = (~pad)[..., None].float()
+        cnt = w.sum(1, keepdim=True).clamp_min(1)
+        mean = (feats * w).sum(1, keepdim=True) / cnt
+        std = (((feats - mean) ** 2 * w).sum(1, keepdim=True) / cnt).sqrt()
+        return ((feats - mean) / (std + 1e-5)) * w, pad
 
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Per-utterance means and standard deviations of 13 MFCCs: [B, 26]."""
