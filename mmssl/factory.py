@@ -25,7 +25,7 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
     backbone.update(per_size.get("backbone") or {})
     known = {f.name for f in fields(BackboneConfig)}
     for k, v in (model_overrides or {}).items():
-        if k == "name":
+        if k == "name" or v is None:
             continue
         if k not in known:
             raise KeyError(f"unknown model key {k!r}; choose one of: {', '.join(sorted(known))}")

@@ -21,12 +21,14 @@ class ModalityAdapter(nn.Module, ABC):
 
     name: str = ""
     unit_features_id: str = ""
-    content_position: nn.Module | None = None
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.cfg = dict(cfg or {})
+        # An instance attribute, not a class default: nn.Module registers a submodule assigned later
+        # in _modules, where a class attribute of the same name would shadow it.
+        self.content_position: nn.Module | None = None
 
     @abstractmethod
     def tokenize(self, batch: Batch) -> Tokens:

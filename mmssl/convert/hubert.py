@@ -79,6 +79,7 @@ def infer_config(sd: dict[str, Tensor], heads: int | None = None,
     heads: shapes cannot tell it; defaults to torchaudio's preset for the width.
     norm_first: neither can they; torchaudio pairs a layer_norm feature extractor with pre-norm blocks
     (large, xlarge) and a group_norm one with post-norm blocks (base), so that decides by default."""
+    sd = _normalise_keys(sd)
     n_conv = _indices(sd, _FE)
     if n_conv != len(CONV_SHAPE):
         raise ValueError(f"expected {len(CONV_SHAPE)} feature-extractor conv layers ({_FE}.N.*), found "
@@ -117,6 +118,8 @@ def infer_config(sd: dict[str, Tensor], heads: int | None = None,
     size = next((n for n, s in SIZES.items() if s == numbers), "base")
     speech_cfg = OmegaConf.to_container(OmegaConf.load(resources.files("mmssl.configs") / "modality" / "speech.yaml"))
     cfg = encoder_config("speech", size, speech_cfg, {**numbers, "norm_first": norm_first})
+    if size == "base" and SIZES["base"] != numbers:
+        cfg["size"] = f"{depth}x{dim}"  # no mmssl size has these numbers: say what it is, not "base"
     cfg["adapter"].update(
         frontend_channels=widths[0] if len(set(widths)) == 1 else widths, frontend_norm=frontend_norm,
         frontend_bias=f"{_FE}.0.conv.bias" in sd, position="conv", pos_conv_kernel=kernel, pos_conv_groups=groups)
