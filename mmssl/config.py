@@ -91,7 +91,8 @@ def check_pair(cfg: DictConfig) -> None:
     if why:
         from mmssl.factory import supported_pairs
 
-        raise ConfigError(f"unsupported pair: {why}; supported: {name} with {', '.join(supported_pairs()[name]) or 'none'}")
+        pairs = ', '.join(f'modality={m}' for m in supported_pairs()[name]) or 'none'
+        raise ConfigError(f"unsupported pair: {why}; supported: {name} with {pairs}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

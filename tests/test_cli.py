@@ -1,0 +1,71 @@
+"""The command line's user errors: exit code 2 and one line naming the valid choices."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mmssl.cli import main
+from mmssl.registry import MODALITIES, OBJECTIVES
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmssl.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["pretrain", "modality=klingon"], "unknown modality 'klingon'; choose one of: speech"),
+    (["pretrain", "objective=telepathy"], "unknown objective 'telepathy'; choose one of: hubert"),
+    (["pretrain", "trainer.bogus=1"], "unknown key 'trainer.bogus'"),
+    (["pretrain", "nonsense=3"], "unknown key 'nonsense'"),
+    (["pretrain", "model=gigantic"], "unknown model 'gigantic'; choose one of: base, micro, small, tiny"),
+    (["pretrain", "resume=true"], "resume=true needs run_dir"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+    (["eval", "linear-probe"], "needs encoder=PATH"),
+])
+def test_errors_are_one_line_with_exit_2(args: list[str], needle: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_unsupported_pair_names_the_supported_ones(capsys: pytest.CaptureFixture) -> None:
+    """An adapter without frame-level unit features cannot be trained with HuBERT: a plug-in
+    modality registered from outside shows the message (and the plug-in path)."""
+    from mmssl.config import ConfigError, check_pair, compose
+    from mmssl.modalities.base import ModalityAdapter
+    from mmssl.modalities.speech import SpeechAdapter
+
+    class NoUnits(SpeechAdapter):
+        name = "nounits"
+        unit_features = ModalityAdapter.unit_features  # the base class: no unit features
+
+    if "nounits" not in MODALITIES:
+        MODALITIES.register("nounits")(NoUnits)
+    assert OBJECTIVES.get("hubert").supports(["nounits"]) is not None
+    from omegaconf import open_dict
+
+    cfg = compose([])
+    with open_dict(cfg):
+        cfg.modality["nounits"] = cfg.modality["speech"]
+        del cfg.modality["speech"]
+    with pytest.raises(ConfigError, match="unsupported pair.*supported: hubert with modality=speech"):
+        check_pair(cfg)
+
+
+def test_list_shows_choices(capsys: pytest.CaptureFixture) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "objective=hubert: modality=speech" in out and "micro (4x256)" in out
+
+
+def test_sweep_expansion_uses_hydra_grammar() -> None:
+    from mmssl.cli import expand_sweep
+
+    jobs = expand_sweep(["trainer.seed=0,1", "trainer.lr=1e-4,3e-4", "model=micro"])
+    assert len(jobs) == 4
+    assert ["trainer.seed=1", "trainer.lr=0.0003", "model=micro"] in jobs
