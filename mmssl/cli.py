@@ -84,7 +84,7 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
         if not cfg.run_dir or not Path(cfg.run_dir).is_dir():
             raise UsageError("resume=true needs run_dir=PATH of an existing run")
         saved = OmegaConf.load(Path(cfg.run_dir) / "config.yaml")
-        ignore = {"resume", "allow_config_change", "cache_dir"}
+        ignore = {"resume", "allow_config_change", "cache_dir", "run_dir"}  # a moved run is the same run
         old = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items() if k not in ignore}
         new = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
         if old != new and not cfg.allow_config_change:

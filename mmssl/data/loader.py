@@ -142,8 +142,11 @@ class TrainStream(IterableDataset):
 
 
 def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    # An own generator: the DataLoader would otherwise draw its worker base seed from the global RNG,
+    # which a resumed run restores, and one extra draw would shift every later mask and dropout.
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers else None, persistent_workers=False)
+                      prefetch_factor=2 if num_workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(_seed(stream.seed, stream.rank, "loader")))
 
 
 def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counter | None = None,

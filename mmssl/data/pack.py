@@ -47,7 +47,8 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
     labelled = bool(classes) and all(len(p.relative_to(src).parts) > 1 for p in files)
     bad: Counter = Counter()
     bad_files: list[str] = [f"{p.relative_to(src)} (unsupported_type)" for p in others]
-    bad["unsupported_type"] += len(others)
+    if others:
+        bad["unsupported_type"] += len(others)
     items, labels = [], []
     for p in files:
         try:
