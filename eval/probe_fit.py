@@ -27,7 +27,7 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 300,
                init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [n, F], y: [n] -> (W [F, K], b [K])."""
-    n, f = x.shape
+    f = x.shape[1]
     W = torch.zeros(f, num_classes, device=x.device, dtype=x.dtype) if init is None else init[0].clone()
     b = torch.zeros(num_classes, device=x.device, dtype=x.dtype) if init is None else init[1].clone()
     W.requires_grad_(True)

@@ -169,7 +169,7 @@ def cmd_eval(args: list[str]) -> int:
     from mmssl.config import to_dict
     from mmssl.eval.linear_probe import run_linear_probe
 
-    cfg, source, enc_dir, device = _eval_setup(args[1:])
+    cfg, source, _, device = _eval_setup(args[1:])
     out = Path(cfg.out) if cfg.out else Path(cfg.encoder) / "eval"
     run_linear_probe(cfg.encoder, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size))
     return 0

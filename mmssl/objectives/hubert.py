@@ -21,7 +21,7 @@ from mmssl.encoder import Encoder
 from mmssl.modalities.base import ModalityAdapter
 from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.objectives.hubert_loss import unit_logits
-from mmssl.objectives.unit_targets import UnitTable, fingerprint, fit_units, load_units
+from mmssl.objectives.unit_targets import UnitTable, check_alignment, fingerprint, fit_units, load_units
 from mmssl.registry import MODALITIES, OBJECTIVES
 from mmssl.types import Batch, ObjectiveOutput
 
@@ -127,6 +127,7 @@ class HuBERT(Objective):
         ctx.barrier()
         table = load_units(out, expect={"k": self.k, **{k: v for k, v in meta.items() if k != "teacher"}})
         self.units = table.to(ctx.device)
+        check_alignment(self.units, ctx, self.encoder.adapter.num_tokens)
         self._teacher = []
         m = table.meta
         info = {"targets_dir": str(out), "targets_feature": m["feature"], "targets_k": m["k"],

@@ -52,14 +52,15 @@ class UnitTable(torch.nn.Module):
         Raises if a sample has no units or a frame lies past its labelled length: label frames must
         align exactly with encoder frames."""
         sid = sample_id.long()
-        if bool((sid >= self.row.numel()).any()) or bool((self.row[sid.clamp_max(self.row.numel() - 1)] < 0).any()):
-            raise KeyError("a training sample has no unit labels: the targets were fitted on other data "
-                           "(delete the targets cache or point objective.targets_dir elsewhere)")
-        r = self.row[sid]
+        # Device-side asserts: the checks cost no host synchronisation in the training step.
+        known = (sid < self.row.numel()) & (self.row[sid.clamp(0, self.row.numel() - 1)] >= 0)
+        torch._assert_async(known.all(), "a training sample has no unit labels: the targets were fitted on "
+                            "other data (delete the targets cache or point objective.targets_dir elsewhere)")
+        r = self.row[sid.clamp(0, self.row.numel() - 1)].clamp_min(0)
         length = self.lengths[r][:, None]
         real = ~pad
-        if bool((real & (frame >= length)).any()):
-            raise ValueError("encoder frames run past the unit labels: frame alignment is broken")
+        torch._assert_async(~(real & (frame >= length)).any(),
+                            "encoder frames run past the unit labels: frame alignment is broken")
         idx = (self.offsets[r][:, None] + frame.clamp_max(length - 1).clamp_min(0))
         return torch.where(real, self.units[idx], torch.full_like(idx, -100))
 
@@ -122,7 +123,6 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
 
         km = StreamingKMeans(k, max_iter=max_iter, seed=seed, device=ctx.device).fit(chunks)
         flat = torch.cat([km.predict(c.to(km.centroids.device)).cpu() for c in chunks()]).to(torch.int16)
-        del mm
         (tmp / "features.f32").unlink()
         lengths = torch.tensor(lens, dtype=torch.long)
         offsets = torch.cumsum(lengths, 0) - lengths
@@ -154,6 +154,22 @@ def load_units(path: Path, expect: dict[str, Any] | None = None) -> UnitTable:
             raise ValueError(f"targets in {path} have {key}={meta[key]!r}, this run expects {val!r}")
     t = load_file(str(path / "units.safetensors"))
     return UnitTable(t["units"], t["sample_ids"], t["offsets"], t["lengths"], meta)
+
+
+def check_alignment(table: UnitTable, ctx: PrepareContext, num_tokens: Callable[[Batch], torch.Tensor]) -> None:
+    """Every train sample's label count must equal the encoder's token count for it (checked on load,
+    so cached targets from another front-end or frame rate are refused, not silently misaligned)."""
+    for batch in ctx.iter_split("train"):
+        sid = batch["sample_id"].to(table.row.device)
+        n = num_tokens(batch).to(table.row.device)
+        r = table.row[sid.clamp_max(table.row.numel() - 1)]
+        if bool((sid >= table.row.numel()).any()) or bool((r < 0).any()):
+            raise ValueError("the unit targets lack some training samples: they were fitted on other data")
+        bad = table.lengths[r] != n
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"unit labels of sample {int(sid[i])} have {int(table.lengths[r[i]])} frames, "
+                             f"the encoder makes {int(n[i])}: frame alignment is broken")
 
 
 def frame_pnmi(table: UnitTable, ctx: PrepareContext, key: str = "frame_label") -> float | None:
