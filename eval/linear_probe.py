@@ -34,8 +34,9 @@ def _probe(fn: Any, source: DataSource, ecfg: dict[str, Any], device: torch.devi
            bad: Counter) -> dict[str, Any]:
     splits = [ecfg["split_train"], ecfg["split_val"], ecfg["split_test"]]
     (xtr, ytr, _), (xva, yva, _), (xte, yte, _) = (extract(fn, source, s, device, bs, bad) for s in splits)
-    if ecfg.get("max_train"):
-        xtr, ytr = xtr[: int(ecfg["max_train"])], ytr[: int(ecfg["max_train"])]
+    if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
+        keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[: int(ecfg["max_train"])]
+        xtr, ytr = xtr[keep], ytr[keep]
     if (ytr < 0).any():
         raise ValueError(f"{source.root} has unlabelled samples: a linear probe needs class labels")
     r = linear_probe(xtr, ytr, xva, yva, xte, yte, list(ecfg["C"]), int(ecfg.get("max_iter", 300)), device)

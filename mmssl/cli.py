@@ -262,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[cmd](argv[1:])
-    except (ConfigError, UsageError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, UsageError, KeyError, ValueError, OSError) as e:
         if os.environ.get("MMSSL_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mmssl: error: {str(msg).splitlines()[0] if str(msg) else type(e).__name__}", file=sys.stderr)
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        # an error raised in a loader worker arrives as "Caught X in DataLoader worker ..." + traceback
+        line = lines[-1] if lines and lines[0].startswith("Caught ") else (lines[0] if lines else type(e).__name__)
+        print(f"mmssl: error: {line}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"mmssl: error: {e}", file=sys.stderr)

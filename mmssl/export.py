@@ -26,19 +26,38 @@ def save_encoder(encoder: Encoder, out_dir: Path, extra: dict[str, Any] | None =
     """Write an encoder export atomically (temporary folder, then rename)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    save_file(_state(encoder), str(tmp / "model.safetensors"))
-    cfg = dict(encoder.config)  # type: ignore[attr-defined]
-    cfg.update(extra or {})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    replace_dir(tmp, out_dir)
+    tmp = make_tmp_dir(out_dir)
+    try:
+        save_file(_state(encoder), str(tmp / "model.safetensors"))
+        cfg = dict(encoder.config)  # type: ignore[attr-defined]
+        cfg.update(extra or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def save_heads(heads: dict[str, nn.Module], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, h in heads.items():
-        save_file(_state(h), str(out_dir / f"{name}.safetensors"))
+    """Write the objective's heads into a fresh folder, swapped in whole."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmp_dir(out_dir)
+    try:
+        for name, h in heads.items():
+            save_file(_state(h), str(tmp / f"{name}.safetensors"))
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_tmp_dir(dst: Path) -> Path:
+    """A temporary sibling of ``dst`` (same file system, so the final rename is atomic), readable by
+    others once renamed (mkdtemp makes it 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    tmp.chmod(0o755)
+    return tmp
 
 
 def replace_dir(tmp: Path, dst: Path) -> None:
@@ -58,7 +77,13 @@ def resolve_encoder_dir(path: Path, modality: str | None = None, which: str = "e
     """An export folder (with config.json) from an export or a run directory."""
     path = Path(path)
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
-        return path
+        if which == "encoders":
+            return path
+        # an export inside a run directory (RUN/encoders/<m>): its sibling RUN/<which>/<m>
+        sib = path.parent.parent / which / path.name
+        if path.parent.name == "encoders" and (sib / "config.json").exists():
+            return sib
+        raise FileNotFoundError(f"{path} is an export without {which}/ beside it")
     root = path / which
     if not root.is_dir():
         old = root.with_name(root.name + ".old")
@@ -66,7 +91,9 @@ def resolve_encoder_dir(path: Path, modality: str | None = None, which: str = "e
             root = old
         else:
             raise FileNotFoundError(f"{path} is neither an encoder export nor a run directory with {which}/")
-    towers = sorted(p.name for p in root.iterdir() if (p / "config.json").exists())
+    # leftovers of an interrupted write (.tmp-*, *.old) are not towers
+    towers = sorted(p.name for p in root.iterdir() if (p / "config.json").exists()
+                    and not p.name.startswith(".") and not p.name.endswith(".old"))
     if not towers:
         raise FileNotFoundError(f"no encoder in {root}")
     if modality is None:

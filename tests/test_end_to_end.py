@@ -46,6 +46,11 @@ def test_pretrain_export_load_probe_and_iteration_2(packed: Path, tmp_path: Path
         out = enc(wav, return_layers=True)
     assert e.shape == (2, 64) and len(out.layers) == 2
     init = mmssl.load_encoder(r1 / "encoders_init" / "speech")
+    from mmssl.eval.linear_probe import init_encoder
+
+    base, source = init_encoder(r1 / "encoders" / "speech", enc)  # an export inside a run finds step 0
+    assert source == "step0" and all(torch.equal(a, b) for a, b in zip(base.state_dict().values(),
+                                                                       init.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(enc.state_dict().values(), init.state_dict().values()))
 
     o = tmp_path / "probe"
@@ -74,3 +79,10 @@ def test_pretrain_export_load_probe_and_iteration_2(packed: Path, tmp_path: Path
 
 def test_layer_targets_need_a_teacher(packed: Path, tmp_path: Path) -> None:
     assert main(["pretrain", *tiny_overrides(packed, tmp_path / "x", **{"objective.targets": "layer"})]) == 2
+
+
+def test_pack_refuses_to_overwrite(audio_tree: Path, packed: Path, tmp_path: Path) -> None:
+    args = ["data", "pack", "modality=speech", f"src={audio_tree}"]
+    assert main([*args, f"out={packed}"]) == 2  # exists, not empty
+    assert main([*args, f"out={audio_tree / 'shards'}"]) == 2  # inside the source tree
+    assert (audio_tree / "sa-ti").is_dir()

@@ -44,9 +44,15 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
     if not files:
         raise FileNotFoundError(f"no {'/'.join(codec.suffixes)} files under {src}")
     classes = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
-    labelled = bool(classes) and all(len(p.relative_to(src).parts) > 1 for p in files)
+    labelled = bool(classes)
     bad: Counter = Counter()
     bad_files: list[str] = [f"{p.relative_to(src)} (unsupported_type)" for p in others]
+    if labelled:  # a class tree: files outside the class folders have no label; skipped and counted
+        stray = [p for p in files if len(p.relative_to(src).parts) == 1]
+        if stray:
+            bad["unlabelled_file"] += len(stray)
+            bad_files += [f"{p.relative_to(src)} (unlabelled_file: not inside a class folder)" for p in stray]
+            files = [p for p in files if len(p.relative_to(src).parts) > 1]
     if others:
         bad["unsupported_type"] += len(others)
     items, labels = [], []
@@ -86,7 +92,9 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     out = Path(out)
-    if (out / "meta.json").exists():
-        raise FileExistsError(f"{out} already holds a packed data set; choose another out=")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"out={out} exists and is not empty; choose a new folder")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise FileExistsError(f"out={out} lies inside src={src}; choose a folder outside it")
     build_atomically(out, build)
     return json.loads((out / "meta.json").read_text())

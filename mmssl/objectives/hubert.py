@@ -125,7 +125,8 @@ class HuBERT(Objective):
                     fit_units(ctx, feature_fn, self.k, meta, out, seed=seed,
                               max_iter=int(self.cfg.get("kmeans_iters", 30)))
         ctx.barrier()
-        table = load_units(out, expect={"k": self.k, **{k: v for k, v in meta.items() if k != "teacher"}})
+        table = load_units(out, expect={"k": self.k, "data": ctx.data_fingerprint,
+                                        **{k: v for k, v in meta.items() if k != "teacher"}})
         self.units = table.to(ctx.device)
         check_alignment(self.units, ctx, self.encoder.adapter.num_tokens)
         self._teacher = []

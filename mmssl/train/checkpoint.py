@@ -16,17 +16,17 @@ from mmssl.export import replace_dir
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """This process's CPU generator and, on a GPU, only its own device's (each rank saves its own)."""
     s = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, t in enumerate(torch.cuda.get_rng_state_all()):
-            s[f"cuda{i}"] = t
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return s
 
 
 def set_rng_state(s: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(s["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in s])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"], torch.cuda.current_device())
 
 
 def tmp_dir(ckpt_root: Path, name: str) -> Path:

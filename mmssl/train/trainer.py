@@ -148,9 +148,14 @@ class Trainer:
 
         model: nn.Module = obj
         if self.dist.enabled:
+            # blocks skipped by layer drop leave parameters without gradients on some ranks
+            unused = bool(t.get("find_unused_parameters", False)) or any(
+                e.backbone_cfg.layer_drop > 0 for e in obj.encoders.values())
             model = DDP(obj, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                        broadcast_buffers=False,
-                        find_unused_parameters=bool(t.get("find_unused_parameters", False)))
+                        broadcast_buffers=False, find_unused_parameters=unused)
+            if resume_from is None and self.dist.rank > 0:
+                # other ranks draw their own masks and dropout; rank 0 keeps the single-process stream
+                torch.manual_seed(int(t["seed"]) + 7919 * self.dist.rank)
         n_roles = max(workers, 1)
         stream = TrainStream(self.source, int(t["batch_size"]), self.max_len, int(t["seed"]), self.dist.rank,
                              n_roles, role_shift=consumed % n_roles, start={k: tuple(v) for k, v in roles.items()},
@@ -170,6 +175,7 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             step_loss = torch.zeros((), device=self.device)
+            step_metrics: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
             for micro in range(accum):
                 batch = next(loader)
                 roles[int(batch.pop("_role"))] = batch.pop("_next").tolist()
@@ -185,7 +191,7 @@ class Trainer:
                 loss.backward()
                 step_loss += loss.detach()
                 for k, v in out.metrics.items():
-                    sums[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
+                    step_metrics[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
             clip = float(t.get("clip_grad", 0.0))
             norm = torch.nn.utils.clip_grad_norm_(obj.parameters(), clip if clip > 0 else float("inf"))
             if any_true(~torch.isfinite(norm) | ~torch.isfinite(step_loss), self.dist):
@@ -203,6 +209,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             obj.after_step(step)
             step += 1
+            for k, v in step_metrics.items():  # only finished steps enter the logged averages
+                sums[k] += v
             sums["loss"] += step_loss
             sums["grad_norm"] += norm.detach().float()
             n_sum += 1
