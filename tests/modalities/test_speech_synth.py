@@ -10,7 +10,7 @@ from mmssl.modalities.speech import synth
 
 
 @pytest.fixture(scope="module")
-def test_split() -> list[synth.Utterance]:
+def held_out() -> list[synth.Utterance]:
     return list(synth.generate("test"))
 
 
@@ -73,10 +73,10 @@ def test_unknown_split_needs_n() -> None:
     assert len(list(synth.generate("pretrain", 2))) == 2
 
 
-def test_waveforms_lengths_and_frame_labels(test_split: list[synth.Utterance]) -> None:
+def test_waveforms_lengths_and_frame_labels(held_out: list[synth.Utterance]) -> None:
     n_phones = len(synth.PHONES)
     seen_phones: set[int] = set()
-    for u in test_split:
+    for u in held_out:
         assert u.wav.dtype == np.float32 and u.wav.ndim == 1
         assert 0.45 * 16000 <= len(u.wav) <= 1.6 * 16000
         assert np.isfinite(u.wav).all()
@@ -94,11 +94,11 @@ def test_waveforms_lengths_and_frame_labels(test_split: list[synth.Utterance]) -
 
 
 def test_labels_balanced_and_speakers_shared(
-    test_split: list[synth.Utterance], train_600: list[synth.Utterance]
+    held_out: list[synth.Utterance], train_600: list[synth.Utterance]
 ) -> None:
-    counts = np.bincount([u.label for u in test_split], minlength=10)
+    counts = np.bincount([u.label for u in held_out], minlength=10)
     assert counts.min() >= 80 and counts.max() <= 120, counts
-    assert {u.speaker for u in test_split} == set(range(8))
+    assert {u.speaker for u in held_out} == set(range(8))
     assert {u.speaker for u in train_600} == set(range(8))
 
 
@@ -126,7 +126,7 @@ def _mfcc_stats(utts: list[synth.Utterance]) -> np.ndarray:
 
 
 def test_mfcc_probe_is_learnable_but_not_trivial(
-    train_600: list[synth.Utterance], test_split: list[synth.Utterance]
+    train_600: list[synth.Utterance], held_out: list[synth.Utterance]
 ) -> None:
     """Utterance-level MFCC mean+std + logistic regression: clearly above chance (0.1), well short of
     perfect (order pairs and minimal pairs defeat a bag-of-frames statistic)."""
@@ -134,7 +134,7 @@ def test_mfcc_probe_is_learnable_but_not_trivial(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    test_300 = test_split[:300]
+    test_300 = held_out[:300]
     x_tr, y_tr = _mfcc_stats(train_600), np.array([u.label for u in train_600])
     x_te, y_te = _mfcc_stats(test_300), np.array([u.label for u in test_300])
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_tr, y_tr)
