@@ -85,8 +85,7 @@ class Encoder(nn.Module):
         last, layers, ffn = self.backbone(x, pad, return_layers, return_ffn)
         out = EncoderOutput(last=last[:, n_prefix:], pad=tokens.pad, index=tokens.index,
                             layers=[h[:, n_prefix:] for h in layers], ffn=[f[:, n_prefix:] for f in ffn],
-                            keep=keep)
-        out.prefix = last[:, :n_prefix]  # type: ignore[attr-defined]
+                            keep=keep, prefix=last[:, :n_prefix])
         return out
 
     def embed(self, batch: Batch, layer: int = -1) -> torch.Tensor:
@@ -94,7 +93,7 @@ class Encoder(nn.Module):
         layer=i in [0, depth) is block i's output."""
         out = self.forward(batch, return_layers=layer != -1)
         if self.pool == "cls" and layer == -1:
-            return out.prefix[:, 0]  # type: ignore[attr-defined]
+            return out.prefix[:, 0]
         h = out.last if layer == -1 else out.layers[layer]
         return masked_mean(h, out.pad)
 

@@ -36,7 +36,8 @@ class Tokens:
 class EncoderOutput:
     """last: [B, N, D]; layers: per-block outputs [B, N, D] (empty unless asked);
     ffn: per-block FFN outputs before the block's last residual (data2vec targets);
-    pad: [B, N] bool; index: [B, N, k]; keep: [B, N] int64 token positions kept (drop masking) or None."""
+    pad: [B, N] bool; index: [B, N, k]; keep: [B, N] int64 token positions kept (drop masking) or None;
+    prefix: [B, P, D] outputs of the Encoder's prefix tokens (CLS, registers), P may be 0."""
 
     last: torch.Tensor
     pad: torch.Tensor
@@ -44,6 +45,7 @@ class EncoderOutput:
     layers: list[torch.Tensor] = field(default_factory=list)
     ffn: list[torch.Tensor] = field(default_factory=list)
     keep: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
 
 
 class ObjectiveOutput(NamedTuple):
