@@ -4,9 +4,7 @@ Only safetensors and JSON are read: nothing here can execute code from a file.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmssl.atomic import make_tmp_dir, replace_dir
 from mmssl.encoder import Encoder
 from mmssl.factory import build_encoder
 
@@ -50,27 +49,6 @@ def save_heads(heads: dict[str, nn.Module], out_dir: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def make_tmp_dir(dst: Path) -> Path:
-    """A temporary sibling of ``dst`` (same file system, so the final rename is atomic), readable by
-    others once renamed (mkdtemp makes it 0700)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
-    tmp.chmod(0o755)
-    return tmp
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a finished folder into place; an old one is renamed aside first and removed after, so a
-    crash leaves either the old or the new folder whole."""
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def resolve_encoder_dir(path: Path, modality: str | None = None, which: str = "encoders") -> Path:

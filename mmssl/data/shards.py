@@ -6,15 +6,15 @@ and ``<split>/shard-NNNNNN.tar``. Each sample carries ``sid`` (an integer id uni
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 from filelock import FileLock
+
+from mmssl.atomic import make_tmp_dir, replace_dir
 
 SPLITS = ("train", "val", "test")
 
@@ -79,12 +79,10 @@ def build_atomically(root: Path, build: Callable[[Path], None]) -> Path:
     with FileLock(str(root) + ".lock"):
         if (root / "meta.json").exists():
             return root
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+        tmp = make_tmp_dir(root)
         try:
             build(tmp)
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
+            replace_dir(tmp, root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmssl.atomic import make_tmp_dir, replace_dir
 from mmssl.kmeans import StreamingKMeans, pnmi
 from mmssl.objectives.base import PrepareContext
 from mmssl.types import Batch
@@ -110,7 +109,7 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
     ``out_dir``. Returns the meta written (with cluster usage, and PNMI where the data has frame
     labels)."""
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-units-", dir=out_dir.parent))
+    tmp = make_tmp_dir(out_dir)
     try:
         rows, dim, ids, lens, phones = _dump_features(ctx, feature_fn, tmp / "features.f32", frame_labels_key)
         if rows == 0:
@@ -136,9 +135,7 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
                    "lengths": lengths}, str(tmp / "units.safetensors"))
         save_file({"centroids": km.centroids.cpu().contiguous()}, str(tmp / "centroids.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

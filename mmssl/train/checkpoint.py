@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmssl.export import replace_dir
+from mmssl.atomic import replace_dir
 
 
 def rng_state() -> dict[str, torch.Tensor]:
