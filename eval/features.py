@@ -13,10 +13,12 @@ from mmssl.types import Batch
 
 @torch.no_grad()
 def extract(fn: Callable[[Batch], torch.Tensor], source: DataSource, split: str, device: torch.device,
-            batch_size: int = 32, bad: Counter | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fn(batch) -> [B, F] over a whole split -> (features [n, F] float32 cpu, labels [n], sample ids [n])."""
+            batch_size: int = 32, bad: Counter | None = None,
+            max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fn(batch) -> [B, F] over a whole split -> (features [n, F] float32 cpu, labels [n], sample ids [n]).
+    ``max_len``: the encoder's expected input size (``input_size``), applied by the codec."""
     feats, labels, ids = [], [], []
-    for batch in iter_split(source, split, batch_size, bad):
+    for batch in iter_split(source, split, batch_size, bad, max_len=max_len):
         b = {k: v.to(device) for k, v in batch.items()}
         feats.append(fn(b).float().cpu())
         labels.append(batch.get("label", torch.full_like(batch["sample_id"], -1)))
@@ -24,6 +26,13 @@ def extract(fn: Callable[[Batch], torch.Tensor], source: DataSource, split: str,
     if not feats:
         raise ValueError(f"split {split!r} of {source.root} has no usable samples")
     return torch.cat(feats), torch.cat(labels), torch.cat(ids)
+
+
+def input_size(encoder: Encoder) -> int | None:
+    """The input size an encoder was trained on (its preprocessing ``max_len``: an image side, a text
+    context), so evaluation feeds it the same; None where inputs are taken whole (speech)."""
+    v = (getattr(encoder, "config", None) or {}).get("preprocessing", {}).get("max_len")
+    return None if v is None else int(v)
 
 
 def encoder_fn(encoder: Encoder, layer: int = -1) -> Callable[[Batch], torch.Tensor]:

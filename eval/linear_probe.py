@@ -14,7 +14,7 @@ import torch
 
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
-from mmssl.eval.features import baseline_fn, encoder_fn, extract
+from mmssl.eval.features import baseline_fn, encoder_fn, extract, input_size
 from mmssl.eval.probe_fit import linear_probe
 from mmssl.export import load_encoder
 from mmssl.factory import build_encoder
@@ -31,9 +31,9 @@ def init_encoder(path: Path, trained: Encoder, seed: int = 0) -> tuple[Encoder, 
 
 
 def _probe(fn: Any, source: DataSource, ecfg: dict[str, Any], device: torch.device, bs: int,
-           bad: Counter) -> dict[str, Any]:
+           bad: Counter, max_len: int | None = None) -> dict[str, Any]:
     splits = [ecfg["split_train"], ecfg["split_val"], ecfg["split_test"]]
-    (xtr, ytr, _), (xva, yva, _), (xte, yte, _) = (extract(fn, source, s, device, bs, bad) for s in splits)
+    (xtr, ytr, _), (xva, yva, _), (xte, yte, _) = (extract(fn, source, s, device, bs, bad, max_len) for s in splits)
     if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
         keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[: int(ecfg["max_train"])]
         xtr, ytr = xtr[keep], ytr[keep]
@@ -55,9 +55,10 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
     init, init_source = init_encoder(Path(encoder_path), enc)
     init = init.to(device)
     bad: Counter = Counter()
-    trained = _probe(encoder_fn(enc, layer), source, ecfg, device, batch_size, bad)
-    rand = _probe(encoder_fn(init, layer), source, ecfg, device, batch_size, Counter())
-    base = _probe(baseline_fn(enc), source, ecfg, device, batch_size, Counter())
+    size = input_size(enc)
+    trained = _probe(encoder_fn(enc, layer), source, ecfg, device, batch_size, bad, size)
+    rand = _probe(encoder_fn(init, layer), source, ecfg, device, batch_size, Counter(), size)
+    base = _probe(baseline_fn(enc), source, ecfg, device, batch_size, Counter(), size)
     n_train, n_val, n_test = trained["n"]
     result = {
         "accuracy": trained["accuracy"],

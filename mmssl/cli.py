@@ -4,7 +4,7 @@
   mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
   mmssl data pack modality=speech src=DIR out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
-  mmssl convert hubert SRC OUT
+  mmssl convert hubert|timm SRC OUT
   mmssl list
 
 User errors end with exit code 2 and one line naming the valid choices (MMSSL_DEBUG=1 shows the
@@ -112,9 +112,10 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
         first = cfg.modality[mods[0]]
         source = resolve_source(to_dict(cfg.data), mods, first.get("preset"), cache)
         model_over = to_dict(cfg.model)
-        encoders = {m: build_encoder(encoder_config(m, cfg.model.name, to_dict(cfg.modality[m]), model_over))
+        mod_cfgs = {m: to_dict(cfg.modality[m]) for m in mods}
+        encoders = {m: build_encoder(encoder_config(m, cfg.model.name, mod_cfgs[m], model_over, cfg.objective.name))
                     for m in mods}
-        objective = build_objective(cfg.objective.name, to_dict(cfg.objective), encoders)
+        objective = build_objective(cfg.objective.name, to_dict(cfg.objective), encoders, mod_cfgs)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.resume or not (run_dir / "config.yaml").exists() or cfg.allow_config_change:
@@ -122,7 +123,10 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
             n = sum(p.numel() for p in objective.parameters())
             print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={cfg.model.name} "
                   f"({n / 1e6:.2f}M parameters), data={source.root}, run_dir={run_dir}", file=sys.stderr)
+        # the modality config's crop size, else the input size the encoder declares (an image side)
         max_len = first.get("max_len")
+        if max_len is None:
+            max_len = encoders[mods[0]].config["preprocessing"].get("max_len")
         result = Trainer(to_dict(cfg), objective, source, run_dir, info, cache, max_len).fit()
         if info.is_main:
             print(f"[mmssl] done: {result['step']} steps, {result['skipped_steps']} skipped steps, "
@@ -178,14 +182,15 @@ def cmd_eval(args: list[str]) -> int:
 def cmd_extract(args: list[str]) -> int:
     import numpy as np
 
-    from mmssl.eval.features import encoder_fn, extract
+    from mmssl.eval.features import encoder_fn, extract, input_size
     from mmssl.export import load_encoder
 
     cfg, source, enc_dir, device = _eval_setup(args)
     if not cfg.out:
         raise UsageError("needs out=DIR")
     enc = load_encoder(enc_dir, device=device)
-    x, y, ids = extract(encoder_fn(enc, int(cfg.eval.layer)), source, cfg.split, device, int(cfg.data.eval_batch_size))
+    x, y, ids = extract(encoder_fn(enc, int(cfg.eval.layer)), source, cfg.split, device, int(cfg.data.eval_batch_size),
+                        max_len=input_size(enc))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "features.npy", x.numpy())
@@ -219,11 +224,18 @@ def cmd_data(args: list[str]) -> int:
 
 
 def cmd_convert(args: list[str]) -> int:
-    if len(args) != 3 or args[0] != "hubert":
-        raise UsageError("usage: mmssl convert hubert SRC OUT  (SRC: a torchaudio HuBERT state_dict saved with torch.save)")
-    from mmssl.convert.hubert import convert_hubert_file
+    kinds = {"hubert": "a torchaudio HuBERT state_dict", "timm": "a timm ViT state_dict"}
+    if len(args) != 3 or args[0] not in kinds:
+        raise UsageError("usage: mmssl convert {hubert|timm} SRC OUT  (SRC: " +
+                         "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ", saved with torch.save)")
+    if args[0] == "hubert":
+        from mmssl.convert.hubert import convert_hubert_file
 
-    out = convert_hubert_file(Path(args[1]), Path(args[2]))
+        out = convert_hubert_file(Path(args[1]), Path(args[2]))
+    else:
+        from mmssl.convert.timm import convert_timm
+
+        out = convert_timm(Path(args[1]), Path(args[2]))
     print(f"converted {args[1]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
     return 0
 

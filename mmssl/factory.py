@@ -13,12 +13,22 @@ from mmssl.sizes import size_spec
 FORMAT_VERSION = 1
 
 
+def objective_defaults(modality_cfg: dict[str, Any], objective: str | None) -> dict[str, Any]:
+    """The modality's defaults for one objective (``objectives.<name>`` in its yaml): e.g. MAE's mask
+    ratio is 0.75 for images and 0.30 for text. An ``adapter`` entry refines the adapter under that
+    objective (speech uses sinusoidal positions under MAE)."""
+    if not objective:
+        return {}
+    return dict(((modality_cfg.get("objectives") or {}).get(objective)) or {})
+
+
 def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
-                   model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                   model_overrides: dict[str, Any] | None = None, objective: str | None = None) -> dict[str, Any]:
     """The complete description of one tower, as written into an export's ``config.json``.
 
     Size numbers come from ``sizes``; architecture details from the modality config, whose
-    ``sizes.<size>`` entries refine them per size; ``model.*`` keys override backbone numbers."""
+    ``sizes.<size>`` entries refine them per size, then ``objectives.<objective>.adapter``;
+    ``model.*`` keys override backbone numbers."""
     per_size = (modality_cfg.get("sizes") or {}).get(size) or {}
     backbone = size_spec(size)
     backbone.update(modality_cfg.get("backbone") or {})
@@ -32,6 +42,7 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
         backbone[k] = v
     adapter = dict(modality_cfg.get("adapter") or {})
     adapter.update(per_size.get("adapter") or {})
+    adapter.update(objective_defaults(modality_cfg, objective).get("adapter") or {})
     return {
         "format_version": FORMAT_VERSION,
         "mmssl_version": __version__,
@@ -56,12 +67,26 @@ def build_encoder(cfg: dict[str, Any]) -> Encoder:
     return enc
 
 
-def build_objective(name: str, cfg: dict[str, Any], encoders: dict[str, Encoder]):
+def merge_objective_cfg(name: str, cfg: dict[str, Any], modality_cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The objective's config with null keys filled from the modalities' ``objectives.<name>`` defaults
+    (a value set in the objective config or on the command line always wins)."""
+    out: dict[str, Any] = {}
+    for mcfg in modality_cfgs.values():
+        for k, v in objective_defaults(mcfg, name).items():
+            if k != "adapter":
+                out.setdefault(k, v)
+    out.update({k: v for k, v in cfg.items() if v is not None or k not in out})
+    return out
+
+
+def build_objective(name: str, cfg: dict[str, Any], encoders: dict[str, Encoder],
+                    modality_cfgs: dict[str, dict[str, Any]] | None = None):
+    """The objective ``name`` over ``encoders``; ``modality_cfgs`` supply per-modality defaults."""
     obj_cls = OBJECTIVES.get(name)
     why = obj_cls.supports(list(encoders))
     if why:
         raise ValueError(why)
-    return obj_cls.build(cfg, encoders)
+    return obj_cls.build(merge_objective_cfg(name, cfg, modality_cfgs or {}), encoders)
 
 
 def supported_pairs() -> dict[str, list[str]]:

@@ -38,6 +38,12 @@ class ModalityAdapter(nn.Module, ABC):
     def targets(self, batch: Batch) -> torch.Tensor:
         """-> [B, N, P] per-token reconstruction targets, aligned with ``tokenize``."""
 
+    @property
+    def target_dim(self) -> int:
+        """Width P of the per-token predictions ``recon_loss`` expects: the target width for regression
+        targets, the vocabulary size for discrete ids."""
+        raise TypeError(f"modality {self.name!r} defines no reconstruction target width")
+
     @abstractmethod
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pred, target: [B, N, P]; mask: [B, N] bool (True = count) -> scalar."""
@@ -45,6 +51,14 @@ class ModalityAdapter(nn.Module, ABC):
     @abstractmethod
     def make_mask(self, tokens: Tokens, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """-> [B, N] bool, True = hidden; about ``ratio`` of the non-padding tokens; never padding."""
+
+    def corrupt(self, batch: Batch, token_mask: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[Batch, torch.Tensor]:
+        """Input corruption for replacement-style masked modelling (BERT's 80/10/10), given the hidden
+        tokens token_mask [B, N]: -> (batch with some hidden inputs altered, replace [B, N] bool: the
+        hidden tokens the Encoder swaps for its mask embedding). The default alters nothing and
+        replaces every hidden token."""
+        return batch, token_mask
 
     @abstractmethod
     def views(self, batch: Batch, n_global: int, n_local: int) -> list[Batch]:

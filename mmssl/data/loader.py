@@ -150,16 +150,17 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
 
 
 def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counter | None = None,
-               on_error: str = "skip", buffer: int = 512) -> Iterator[Batch]:
-    """Every usable sample of a split once, in a fixed order, whole (no crops), in batches of similar
-    length. Skipped samples are counted in ``bad``."""
+               on_error: str = "skip", buffer: int = 512, max_len: int | None = None) -> Iterator[Batch]:
+    """Every usable sample of a split once, in a fixed order, in batches of similar length. Skipped
+    samples are counted in ``bad``. Whole items unless ``max_len`` is given (the encoder's input size,
+    e.g. an image side): then the codec cuts deterministically (no generator)."""
     bad = bad if bad is not None else Counter()
     buf: list[dict[str, Any]] = []
 
     def flush() -> Iterator[Batch]:
         buf.sort(key=source.length)
         for i in range(0, len(buf), batch_size):
-            yield source.collate(buf[i:i + batch_size], None, None)
+            yield source.collate(buf[i:i + batch_size], max_len, None)
         buf.clear()
 
     for item in read_samples(split_paths(source.root, split), source.decode, bad, on_error):

@@ -199,6 +199,10 @@ class SpeechAdapter(ModalityAdapter):
         var = ((feats - mean) ** 2 * w).sum(1, keepdim=True) / cnt
         return ((feats - mean) / (var + 1e-6).sqrt()) * w
 
+    @property
+    def target_dim(self) -> int:
+        return self.logmel.mel.n_mels
+
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         err = ((pred.float() - target.float()) ** 2).mean(-1)
         m = mask.float()

@@ -1,0 +1,157 @@
+"""Masked autoencoding (He et al., 2022) for any adapter with per-token reconstruction targets.
+
+One method for every modality: the adapter hides about ``mask_ratio`` of the real tokens in its own
+mask shape (random patches, speech spans, ...); the Encoder either drops them (``mask_mode=drop``,
+MAE: compute falls with the ratio) or swaps them for its mask embedding (``replace``: BERT-style
+masked language modelling for text, where the adapter may also corrupt inputs 80/10/10). A light
+pre-norm transformer decoder sees the visible outputs plus one shared mask token per hidden position,
+each with the adapter's (content-free) position projected to the decoder width, and predicts the
+adapter's ``targets``; ``adapter.recon_loss`` scores the hidden tokens only.
+
+Defaults per modality (mask ratio, mask mode, decoder) come from ``objectives.mae`` in the modality
+config; decoder sizes default per encoder size (``decoder_sizes`` in configs/objective/mae.yaml)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmssl.backbone import Backbone, BackboneConfig
+from mmssl.encoder import Encoder
+from mmssl.modalities.base import ModalityAdapter
+from mmssl.objectives.base import Objective
+from mmssl.registry import MODALITIES, OBJECTIVES
+from mmssl.types import Batch, EncoderOutput, ObjectiveOutput, Tokens
+
+# MAE's decoder for ViT-B/L/H: 8 blocks of width 512 (16 heads).
+PAPER_DECODER = {"dim": 512, "depth": 8, "heads": 16}
+
+
+def scatter_visible(h: torch.Tensor, out: EncoderOutput, n: int, mask_token: torch.Tensor) -> torch.Tensor:
+    """Put the encoder outputs of visible tokens back at their positions, a mask token elsewhere.
+
+    h: [B, M, E] decoder-width outputs of the kept tokens (``out.keep`` [B, M] their positions;
+    ``out.pad`` [B, M] marks slots of samples with fewer visible tokens) -> [B, n, E]."""
+    B, _, E = h.shape
+    mt = mask_token.to(h.dtype).view(1, 1, E)
+    # Padded slots point at hidden positions (drop_hidden sorts them after the visible ones): writing a
+    # mask token there leaves them what they would be anyway.
+    h = torch.where(out.pad[..., None], mt, h)
+    full = mt.expand(B, n, E).clone()
+    return full.scatter(1, out.keep[..., None].expand(-1, -1, E), h)
+
+
+@OBJECTIVES.register("mae")
+class MAE(Objective):
+    name = "mae"
+
+    @classmethod
+    def supports(cls, modalities: list[str]) -> str | None:
+        if len(modalities) != 1:
+            return "objective 'mae' takes one modality"
+        adapter = MODALITIES.get(modalities[0])
+        if adapter.target_dim is ModalityAdapter.target_dim:
+            return f"objective 'mae' needs per-token reconstruction targets, which modality {modalities[0]!r} lacks"
+        return None
+
+    @classmethod
+    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> "MAE":
+        return cls(next(iter(encoders.items())), cfg)
+
+    def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.modality, encoder = tower
+        self.towers[self.modality] = encoder
+        self.cfg = dict(cfg)
+        if cfg.get("mask_ratio") is None:
+            raise ValueError(f"objective.mask_ratio is not set and modality {self.modality!r} has no default "
+                             f"(objectives.mae.mask_ratio in its config)")
+        self.mask_ratio = float(cfg["mask_ratio"])
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        self.mask_mode = cfg.get("mask_mode") or "drop"
+        if self.mask_mode not in ("drop", "replace"):
+            raise ValueError(f"objective.mask_mode must be 'drop' or 'replace', not {self.mask_mode!r}")
+        size = (getattr(encoder, "config", None) or {}).get("size")
+        dec = dict(PAPER_DECODER)
+        dec.update((cfg.get("decoder_sizes") or {}).get(size) or {})
+        for k in ("dim", "depth", "heads"):
+            if cfg.get(f"decoder_{k}") is not None:
+                dec[k] = int(cfg[f"decoder_{k}"])
+        self.decoder_cfg = BackboneConfig(dim=dec["dim"], depth=dec["depth"], heads=dec["heads"],
+                                          ffn_dim=int(cfg.get("decoder_mlp_ratio") or 4) * dec["dim"],
+                                          norm_first=True, eps=1e-6)
+        E = self.decoder_cfg.dim
+        adapter = encoder.adapter
+        self.decoder_embed = nn.Linear(encoder.dim, E)
+        # The adapter's positions, carried to the decoder width (never content: see DESIGN.md).
+        self.decoder_pos = nn.Linear(encoder.dim, E, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(E))
+        self.decoder = Backbone(self.decoder_cfg)
+        self.decoder_pred = nn.Linear(E, adapter.target_dim)
+        # A vocabulary-wide head on every token would cost B*N*V; score hidden tokens only there.
+        self.head_on_hidden = adapter.target_dim > E
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.decoder.modules()]:
+            if isinstance(m, nn.Linear):  # MAE's initialisation: xavier-uniform linears, zero biases
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.towers[self.modality]
+
+    def heads(self) -> dict[str, nn.Module]:
+        h = nn.Module()
+        h.decoder_embed, h.decoder_pos, h.decoder, h.decoder_pred = (self.decoder_embed, self.decoder_pos,
+                                                                    self.decoder, self.decoder_pred)
+        h.mask_token = self.mask_token
+        return {"mae_decoder": h}
+
+    def decode(self, tokens: Tokens, out: EncoderOutput) -> torch.Tensor:
+        """Encoder output -> decoder features at every token position [B, N, E] (prefix tokens join the
+        decoder's attention, as MAE's CLS token does, and are then removed)."""
+        h = self.decoder_embed(out.last)
+        n = tokens.x.shape[1]
+        if out.keep is not None:
+            h = scatter_visible(h, out, n, self.mask_token)
+        x = h + self.decoder_pos(tokens.pos.to(h.dtype))
+        pad = tokens.pad
+        P = 0 if out.prefix is None else out.prefix.shape[1]
+        if P:
+            x = torch.cat([self.decoder_embed(out.prefix), x], 1)
+            pad = torch.cat([pad.new_zeros(pad.shape[0], P), pad], 1)
+        y, _, _ = self.decoder(x, pad)
+        return y[:, P:]
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        enc = self.encoder
+        adapter = enc.adapter
+        tokens = adapter.tokenize(batch)
+        hidden = adapter.make_mask(tokens, self.mask_ratio) & ~tokens.pad
+        if self.mask_mode == "replace":
+            corrupted, replace = adapter.corrupt(batch, hidden)
+            if corrupted is not batch:
+                tokens = adapter.tokenize(corrupted)
+            out = enc.encode(tokens, replace & hidden, "replace")
+        else:
+            out = enc.encode(tokens, hidden, "drop")
+        y = self.decode(tokens, out)
+        target = adapter.targets(batch)
+        if self.head_on_hidden:
+            # boolean selection flattens to [1, M, .]: the same per-token mean over hidden tokens
+            pred = self.decoder_pred(y[hidden])[None]
+            tgt = target[hidden][None]
+            count = torch.ones(tgt.shape[:2], dtype=torch.bool, device=tgt.device)
+        else:
+            pred, tgt, count = self.decoder_pred(y), target, hidden
+        loss = adapter.recon_loss(pred, tgt, count)
+        real = (~tokens.pad).float().sum().clamp_min(1.0)
+        metrics: dict[str, Any] = {"mask_fraction": hidden.float().sum() / real,
+                                   "visible_tokens": real - hidden.float().sum()}
+        if not tgt.is_floating_point():  # discrete ids: how many hidden tokens the head gets right
+            right = (pred.argmax(-1) == tgt[..., 0]) & count
+            metrics["acc_hidden"] = right.float().sum() / count.float().sum().clamp_min(1.0)
+        return ObjectiveOutput(loss, metrics)
