@@ -61,20 +61,19 @@ class Encoder(nn.Module):
     def encode(self, tokens: Tokens, token_mask: torch.Tensor | None = None, mask_mode: str = "drop",
                return_layers: bool = False, return_ffn: bool = False) -> EncoderOutput:
         """Encode already-tokenised input. token_mask: [B, N] bool, True = hidden."""
-        x = tokens.x.masked_fill(tokens.pad[..., None], 0.0)
-        tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index)
         keep = None
         if token_mask is not None:
             token_mask = token_mask & ~tokens.pad
             if mask_mode == "replace":
-                x = torch.where(token_mask[..., None], self.mask_embedding.to(x.dtype), tokens.x)
+                x = torch.where(token_mask[..., None], self.mask_embedding.to(tokens.x.dtype), tokens.x)
                 tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index)
             elif mask_mode == "drop":
                 tokens, keep = drop_hidden(tokens, token_mask)
             else:
                 raise ValueError(f"mask_mode must be 'drop' or 'replace', not {mask_mode!r}")
-        x = tokens.x + tokens.pos
+        # Padding content is zeroed after masking, on the (smaller) kept set: it never shapes real tokens.
         pad = tokens.pad
+        x = tokens.x.masked_fill(pad[..., None], 0.0) + tokens.pos
         if self.adapter.content_position is not None:
             x = x + self.adapter.content_position(x, pad)
         n_prefix = 0

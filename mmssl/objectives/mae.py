@@ -38,8 +38,7 @@ def scatter_visible(h: torch.Tensor, out: EncoderOutput, n: int, mask_token: tor
     # Padded slots point at hidden positions (drop_hidden sorts them after the visible ones): writing a
     # mask token there leaves them what they would be anyway.
     h = torch.where(out.pad[..., None], mt, h)
-    full = mt.expand(B, n, E).clone()
-    return full.scatter(1, out.keep[..., None].expand(-1, -1, E), h)
+    return mt.expand(B, n, E).clone().scatter_(1, out.keep[..., None].expand(-1, -1, E), h)
 
 
 @OBJECTIVES.register("mae")
@@ -117,7 +116,10 @@ class MAE(Objective):
         n = tokens.x.shape[1]
         if out.keep is not None:
             h = scatter_visible(h, out, n, self.mask_token)
-        x = h + self.decoder_pos(tokens.pos.to(h.dtype))
+        pos = tokens.pos
+        if pos.shape[0] > 1 and pos.stride(0) == 0:  # one table broadcast over the batch: project it once
+            pos = pos[:1]
+        x = h + self.decoder_pos(pos.to(h.dtype))
         pad = tokens.pad
         P = 0 if out.prefix is None else out.prefix.shape[1]
         if P:
