@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import json
 import math
 import os
 import platform
@@ -44,37 +42,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _use_source_tree() -> None:
-    """Make mmssl importable from this checkout when it is not installed (the GPU machine runs the
-    copied tree with PYTHONPATH=$PWD): pyproject.toml maps mmssl.modalities, mmssl.eval and
-    mmssl.configs to the top-level folders modalities/, eval/ and configs/."""
-    import importlib.util
-    from pathlib import Path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py, however this file is run
+from common import autocast, exact_fp32, free, measure_peak, spec_peak, time_steps, use_source_tree, write_json
+from common import count_flops as _count_flops
+from common import rel_diff as _rel
 
-    try:
-        import mmssl.configs
-        import mmssl.modalities
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import mmssl
-
-    for sub in ("configs", "modalities", "eval"):
-        name, folder = f"mmssl.{sub}", root / sub
-        if name in sys.modules or not (folder / "__init__.py").exists():
-            continue
-        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        setattr(mmssl, sub, mod)
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-
-
-_use_source_tree()
+use_source_tree()
 
 SAMPLE_RATE = 16000
 CHECK_TOL = 1e-3
@@ -90,10 +63,6 @@ SHAPES: dict[str, dict[str, int]] = {
 # HuBERT Base's dropouts (torchaudio hubert_pretrain_base defaults; mmssl configs/modality/speech.yaml sizes.base).
 DROPOUTS = {"projection": 0.1, "attention": 0.1, "ffn_interm": 0.0, "dropout": 0.1, "layer_drop": 0.05}
 NO_DROPOUTS = {k: 0.0 for k in DROPOUTS}
-# Dense bf16 tensor-core peaks from vendor data sheets, for a second MFU figure (the primary one uses
-# the matmul peak measured in the run).
-SPEC_PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12,
-                  "H200": 989.4e12, "A100": 312e12}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -258,10 +227,6 @@ def reference_accuracy(logits: torch.Tensor) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------------------
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def mmssl_step_fn(model, obj, opt, batch, device, bf16: bool, clip: float) -> Callable[[], float | None]:
     """mmssl's trainer step (mmssl/train/trainer.py), minus data loading and logging."""
     from mmssl.train.distributed import DistInfo, any_true
@@ -321,94 +286,15 @@ def make_optimizer(params, lr: float, fused: bool | None):
 # ------------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ------------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_peak(device: torch.device, n: int, iters: int, repeats: int = 3) -> dict[str, Any]:
-    """Best-of-``repeats`` throughput of ``iters`` back-to-back n x n x n bf16 matmuls."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
-    best = 0.0
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=c)
-        sync(device)
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
-    del a, b, c
-    return {"matmul_n": n, "iters": iters, "repeats": repeats, "flops_per_s": best}
-
-
 def count_flops(model, fwd_bwd: Callable[[], None]) -> dict[str, Any]:
     """FLOPs of one forward + backward (no optimiser step), with layer drop off so the count is the
     whole model's (the timed steps skip 5% of blocks on average: expect ~0.05 x the block share less)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with no_layer_drop(model):
-        fc = FlopCounterMode(display=False)
-        with fc:
-            fwd_bwd()
-    # (Per-module attribution of backward FLOPs is unreliable across nn.Module hooks; per op it is exact.)
-    by_op = {str(op): int(v) for op, v in fc.get_flop_counts().get("Global", {}).items()}
-    return {"total": int(fc.get_total_flops()), "by_op": by_op}
-
-
-def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
-    warm = []
-    for _ in range(warmup):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        warm.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        sync(device)  # both trainers synchronise every step anyway (finite checks)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    times_sorted = sorted(times)
-    out = {"warmup_s": warm, "step_s": times, "step_s_median": times_sorted[len(times) // 2],
-           "step_s_mean": sum(times) / len(times), "step_s_min": times_sorted[0]}
-    if device.type == "cuda":
-        out["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return _count_flops(fwd_bwd, no_layer_drop(model))
 
 
 # ------------------------------------------------------------------------------------------------------
 # Correctness: the same weights, audio, mask and labels give the same masked cross-entropy
 # ------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def exact_fp32() -> Any:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def shadowed_submodules(module: torch.nn.Module) -> list[str]:
     """Sub-modules registered in ``_modules`` but hidden by a class attribute of the same name (e.g. a
     class-level ``content_position = None``): they hold parameters, yet ``module.name`` reads the class
@@ -792,9 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         results["peak"] = measure_peak(device, args.peak_n, args.peak_iters)
     free(device)
-    spec = None
-    if device.type == "cuda":
-        spec = next((v for key, v in SPEC_PEAK_BF16.items() if key in env["device_name"]), None)
+    spec = spec_peak(env["device_name"]) if device.type == "cuda" else None
     results["spec_peak_flops_per_s"] = spec
     audio_per_step = args.batch * samples / SAMPLE_RATE
 
@@ -804,11 +688,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["wall_s"] = time.perf_counter() - t_start
         results["complete"] = final
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=2, default=str)
-            os.replace(tmp, args.out)
+            write_json(args.out, results)
 
     write(False)
     for name in args.sides:

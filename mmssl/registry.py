@@ -44,7 +44,8 @@ MODALITIES = Registry("modality")
 OBJECTIVES = Registry("objective")
 PRESETS = Registry("data preset")
 
-_BUILTINS = ("mmssl.modalities.speech", "mmssl.objectives.hubert")
+_BUILTINS = ("mmssl.modalities.speech", "mmssl.modalities.image", "mmssl.modalities.text",
+             "mmssl.objectives.hubert", "mmssl.objectives.mae")
 _loaded = False
 
 

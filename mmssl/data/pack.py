@@ -1,17 +1,21 @@
 """``mmssl data pack``: an ImageFolder-style tree (one sub-folder per class, or a flat folder without
-labels) -> shards with stratified train/val/test splits. Bad files are skipped, counted by reason and
-listed in ``meta.json``; none vanish silently."""
+labels), or a single file, -> shards with stratified train/val/test splits. A file may hold one item
+(an image, a recording, a .txt document) or many (a .jsonl file: one item per line, each with an
+optional own label). Bad files and items are skipped, counted by reason and listed in ``meta.json``;
+none vanish silently."""
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.registry import MODALITIES
+
+MAX_LISTED = 1000  # bad items listed by name in meta.json; all are counted
 
 
 def stratified_split(labels: list[int], val: float, test: float, seed: int) -> dict[str, list[int]]:
@@ -33,56 +37,103 @@ def stratified_split(labels: list[int], val: float, test: float, seed: int) -> d
     return {k: sorted(v) for k, v in out.items()}
 
 
+def read_items(codec: Any, path: Path) -> Iterator[tuple[str, dict[str, Any] | BadSample, str | int | None]]:
+    """``(part, item or the BadSample rejecting it, the item's own label or None)`` for each item of a
+    file. ``part`` locates the item inside a multi-item file ("" for a whole file). Codecs with
+    multi-item files define ``read_items(path)`` with this contract; otherwise ``read_file`` reads one."""
+    if hasattr(codec, "read_items"):
+        yield from codec.read_items(str(path))
+        return
+    try:
+        yield "", codec.read_file(str(path)), None
+    except BadSample as e:
+        yield "", e, None
+
+
+def _class_index(names: list[str | int]) -> tuple[list[str], dict[str | int, int]]:
+    """Class names and each label's index: integer labels (all of them) are class indices
+    themselves; otherwise names sort as ImageFolder sorts them."""
+    if names and all(isinstance(n, int) for n in names):
+        top = max(int(n) for n in names)
+        return [str(i) for i in range(top + 1)], {n: int(n) for n in names}
+    classes = sorted({str(n) for n in names})
+    return classes, {n: classes.index(str(n)) for n in names}
+
+
 def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 0.1, test: float = 0.2,
          seed: int = 0) -> dict[str, Any]:
     codec = MODALITIES.get(modality).codec
     src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"src={src} is not a folder")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in codec.suffixes)
-    others = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in codec.suffixes)
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(codec.suffixes)} files under {src}")
-    classes = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
-    labelled = bool(classes)
+    kinds = "/".join(codec.suffixes)
+    if src.is_file():
+        if src.suffix.lower() not in codec.suffixes:
+            raise ValueError(f"src={src} is not a {kinds} file")
+        root, files, others = src.parent, [src], []
+    elif src.is_dir():
+        root = src
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in codec.suffixes)
+        others = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in codec.suffixes)
+        if not files:
+            raise FileNotFoundError(f"no {kinds} files under {src}")
+    else:
+        raise FileNotFoundError(f"src={src} is not a file or a folder")
     bad: Counter = Counter()
-    bad_files: list[str] = [f"{p.relative_to(src)} (unsupported_type)" for p in others]
-    if labelled:  # a class tree: files outside the class folders have no label; skipped and counted
-        stray = [p for p in files if len(p.relative_to(src).parts) == 1]
-        if stray:
-            bad["unlabelled_file"] += len(stray)
-            bad_files += [f"{p.relative_to(src)} (unlabelled_file: not inside a class folder)" for p in stray]
-            files = [p for p in files if len(p.relative_to(src).parts) > 1]
-    if others:
-        bad["unsupported_type"] += len(others)
-    items, labels = [], []
+    bad_files: list[str] = []
+
+    def reject(name: str, reason: str, why: str) -> None:
+        bad[reason] += 1
+        if len(bad_files) < MAX_LISTED:
+            bad_files.append(f"{name} ({why})")
+
+    for p in others:
+        reject(str(p.relative_to(root)), "unsupported_type", "unsupported_type")
+    # (name, item, label: folder name or own label or None, whole file?)
+    found: list[tuple[str, dict[str, Any], str | int | None, bool]] = []
     for p in files:
-        try:
-            item = codec.read_file(str(p))
-        except BadSample as e:
-            reason = str(e).split(":")[0]
-            bad[reason] += 1
-            bad_files.append(f"{p.relative_to(src)} ({e})")
+        rel = p.relative_to(root)
+        folder = rel.parts[0] if src.is_dir() and len(rel.parts) > 1 else None
+        for part, item, own in read_items(codec, p):
+            name = f"{rel}:{part}" if part else str(rel)
+            if isinstance(item, BadSample):
+                reject(name, str(item).split(":")[0], str(item))
+            elif folder is not None and own is not None and str(own) != folder:
+                reject(name, "label_conflict", f"label_conflict: own label {own!r} in class folder {folder!r}")
+            else:
+                found.append((name, item, folder if folder is not None else own, not part))
+    labelled = any(y is not None for _, _, y, _ in found)
+    items: list[tuple[str, dict[str, Any]]] = []
+    names: list[str | int] = []
+    for name, item, y, whole in found:
+        if labelled and y is None:  # in a labelled set an item without a label cannot be used
+            if whole:
+                reject(name, "unlabelled_file", "unlabelled_file: not inside a class folder")
+            else:
+                reject(name, "unlabelled", "unlabelled: no label in a labelled data set")
             continue
-        items.append((p, item))
-        labels.append(classes.index(p.relative_to(src).parts[0]) if labelled else 0)
+        items.append((name, item))
+        names.append(y if y is not None else 0)
     if not items:
-        raise ValueError(f"every file under {src} was unusable: {dict(bad)}")
+        raise ValueError(f"every item in {src} was unusable: {dict(bad)}")
+    # every class folder names a class, even one whose files were all unusable (as ImageFolder)
+    folders = [p.relative_to(root).parts[0] for p in files if src.is_dir() and len(p.relative_to(root).parts) > 1]
+    classes, index = _class_index(names + folders) if labelled else ([], {0: 0})
+    labels = [index[y] for y in names]
     splits = stratified_split(labels, val, test, seed)
+    if len(bad_files) < sum(bad.values()):
+        bad_files.append(f"... and {sum(bad.values()) - len(bad_files)} more (counted in bad_samples)")
 
     def build(tmp: Path) -> None:
         meta: dict[str, Any] = {"name": f"packed:{src.name}", "modality": modality, "source": str(src.resolve()),
-                                "classes": classes if labelled else [], "splits": {}, "bad_samples": dict(bad),
-                                "bad_files": bad_files}
+                                "classes": classes, "splits": {}, "bad_samples": dict(bad), "bad_files": bad_files}
         for split, idx in splits.items():
             if not idx:
                 continue
 
             def samples(idx: list[int] = idx) -> Any:
                 for sid, i in enumerate(idx):
-                    p, item = items[i]
+                    name, item = items[i]
                     s = codec.encode(item)
-                    s.update({"__key__": f"{sid:08d}", "sid": str(sid).encode(), "path": str(p.relative_to(src)).encode()})
+                    s.update({"__key__": f"{sid:08d}", "sid": str(sid).encode(), "path": name.encode()})
                     if labelled:
                         s["cls"] = str(labels[i]).encode()
                     yield s
@@ -94,7 +145,7 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out={out} exists and is not empty; choose a new folder")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+    if out.resolve() == src.resolve() or (src.is_dir() and src.resolve() in out.resolve().parents):
         raise FileExistsError(f"out={out} lies inside src={src}; choose a folder outside it")
     build_atomically(out, build)
     return json.loads((out / "meta.json").read_text())
