@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mmssl.modalities.base import ModalityAdapter
 from torch import nn
 
 from mmssl.backbone import BackboneConfig
 from mmssl.encoder import Encoder
 from mmssl.factory import merge_objective_cfg
-from mmssl.modalities.base import ModalityAdapter
 from mmssl.objectives.mae import MAE
 from mmssl.types import Batch, Tokens
 

@@ -55,7 +55,7 @@ class MAE(Objective):
         return None
 
     @classmethod
-    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> "MAE":
+    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> MAE:
         return cls(next(iter(encoders.items())), cfg)
 
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
