@@ -225,18 +225,23 @@ def cmd_data(args: list[str]) -> int:
 
 def cmd_convert(args: list[str]) -> int:
     kinds = {"hubert": "a torchaudio HuBERT state_dict", "timm": "a timm ViT state_dict"}
-    if len(args) != 3 or args[0] not in kinds:
-        raise UsageError("usage: mmssl convert {hubert|timm} SRC OUT  (SRC: " +
-                         "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ", saved with torch.save)")
-    if args[0] == "hubert":
+    pos = [a for a in args if "=" not in a]
+    if len(pos) != 3 or pos[0] not in kinds:
+        raise UsageError("usage: mmssl convert {hubert|timm} SRC OUT [size=tiny|small|base] [mean=R,G,B std=R,G,B]"
+                         "  (SRC: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()) + ", saved with torch.save)")
+    if pos[0] == "hubert":
         from mmssl.convert.hubert import convert_hubert_file
 
-        out = convert_hubert_file(Path(args[1]), Path(args[2]))
+        _kv([a for a in args if "=" in a], set())
+        out = convert_hubert_file(Path(pos[1]), Path(pos[2]))
     else:
         from mmssl.convert.timm import convert_timm
 
-        out = convert_timm(Path(args[1]), Path(args[2]))
-    print(f"converted {args[1]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
+        kv = _kv([a for a in args if "=" in a], {"size", "mean", "std"})
+        # timm's augreg / CLIP-derived ViTs expect 0.5/0.5 normalisation instead of ImageNet's
+        triple = {k: [float(x) for x in kv[k].strip("[]").split(",")] for k in ("mean", "std") if k in kv}
+        out = convert_timm(Path(pos[1]), Path(pos[2]), size=kv.get("size"), **triple)
+    print(f"converted {pos[1]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
     return 0
 
 

@@ -152,3 +152,20 @@ def test_vit_base_matches_timm(tmp_path: Path) -> None:
     model = _timm("vit_base_patch16_224", seed=9)
     enc, _ = _convert(model, tmp_path, size="base")
     _check(model, enc, _image(1, 224, 224, seed=10))
+
+
+def test_cli_convert_timm_with_normalisation(tiny, tmp_path: Path) -> None:
+    """`mmssl convert timm SRC OUT mean=... std=...`: augreg-style weights expect 0.5/0.5 inputs."""
+    from mmssl.cli import main
+
+    src = tmp_path / "vit.pt"
+    torch.save(tiny.state_dict(), src)
+    out = tmp_path / "export"
+    assert main(["convert", "timm", str(src), str(out), "mean=0.5,0.5,0.5", "std=0.5,0.5,0.5"]) == 0
+    enc = mmssl.load_encoder(out)
+    assert enc.config["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    x = _image(1, 224, 224, seed=4)
+    with torch.no_grad():
+        ref = tiny.forward_features((x - 0.5) / 0.5)
+        assert float((enc({"image": x}).last - ref[:, 1:]).abs().max()) < TOL
+    assert main(["convert", "timm", str(src), str(tmp_path / "e2"), "colour=1"]) == 2
