@@ -73,7 +73,7 @@ def toy_mae(vocab: int = 0, mode: str = "drop", prefix: int = 0) -> MAE:
                   num_prefix=prefix)
     enc.config = {"size": "micro"}
     return MAE(("toy", enc), {"mask_ratio": 0.75, "mask_mode": mode, "decoder_dim": 16, "decoder_depth": 1,
-                              "decoder_heads": 2})
+                              "decoder_heads": 2, "head_on_hidden": bool(vocab)})
 
 
 def reference_mae_loss(m: MAE, batch: Batch, noise: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ def test_loss_counts_hidden_tokens_only_and_hidden_content_never_leaks() -> None
 
 def test_replace_mode_discrete_targets_are_cross_entropy_over_hidden_tokens() -> None:
     m = toy_mae(vocab=50, mode="replace").eval()
-    assert m.head_on_hidden  # a 50-way head is wider than the 16-wide decoder: scored on hidden tokens only
+    assert m.head_on_hidden  # the head scores hidden tokens only (auto does so for vocabulary-sized heads)
     ids = torch.randint(0, 50, (2, 10, 1)).float()
     batch = {"toy": ids, "toy_len": torch.tensor([10, 7])}
     torch.manual_seed(3)
@@ -210,6 +210,7 @@ def test_mae_decoder_sizes_follow_the_encoder_size() -> None:
     enc.config = {"size": "base"}
     paper = MAE(("toy", enc), {"mask_ratio": 0.75, "decoder_sizes": {"micro": {"dim": 8, "depth": 1, "heads": 2}}})
     assert (paper.decoder_cfg.dim, paper.decoder_cfg.depth, paper.decoder_cfg.heads) == (512, 8, 16)
+    assert not paper.head_on_hidden  # pixel-sized heads run on every token, as MAE's
     enc.config = {"size": "micro"}
     small = MAE(("toy", enc), {"mask_ratio": 0.75, "decoder_sizes": {"micro": {"dim": 8, "depth": 1, "heads": 2}}})
     assert (small.decoder_cfg.dim, small.decoder_cfg.depth) == (8, 1)

@@ -89,8 +89,11 @@ class MAE(Objective):
         self.mask_token = nn.Parameter(torch.zeros(E))
         self.decoder = Backbone(self.decoder_cfg)
         self.decoder_pred = nn.Linear(E, adapter.target_dim)
-        # A vocabulary-wide head on every token would cost B*N*V; score hidden tokens only there.
-        self.head_on_hidden = adapter.target_dim > E
+        # A vocabulary-wide head on every token would cost B*N*V: there, score hidden tokens only (a
+        # boolean selection, one host sync). Pixel-sized heads run on every token, as MAE's does,
+        # keeping shapes static for torch.compile.
+        choice = cfg.get("head_on_hidden", "auto")
+        self.head_on_hidden = adapter.target_dim >= 4096 if choice in (None, "auto") else bool(choice)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.decoder.modules()]:
             if isinstance(m, nn.Linear):  # MAE's initialisation: xavier-uniform linears, zero biases
