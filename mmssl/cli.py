@@ -66,6 +66,26 @@ def cmd_pretrain(args: list[str]) -> int:
     return 0
 
 
+def apply_trainer_defaults(cfg: Any, mods: list[str], overrides: list[str]) -> None:
+    """Training settings a modality recommends under an objective (``objectives.<name>.trainer`` in its
+    config, e.g. text MLM's learning rate), applied where the command line does not set the key."""
+    from mmssl.factory import objective_defaults
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    for m in mods:
+        for k, v in (objective_defaults(to_plain(cfg.modality[m]), cfg.objective.name).get("trainer") or {}).items():
+            if f"trainer.{k}" not in given:
+                if k not in cfg.trainer:
+                    raise ValueError(f"modality {m}: objectives.{cfg.objective.name}.trainer.{k} is not a trainer key")
+                cfg.trainer[k] = v
+
+
+def to_plain(node: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
 def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
     import torch
     import torch.distributed as dist
@@ -80,6 +100,7 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
     cfg = compose(overrides)
     check_pair(cfg)
     mods = modalities_of(cfg)
+    apply_trainer_defaults(cfg, mods, overrides)
     if cfg.resume:
         if not cfg.run_dir or not Path(cfg.run_dir).is_dir():
             raise UsageError("resume=true needs run_dir=PATH of an existing run")

@@ -16,7 +16,8 @@ FORMAT_VERSION = 1
 def objective_defaults(modality_cfg: dict[str, Any], objective: str | None) -> dict[str, Any]:
     """The modality's defaults for one objective (``objectives.<name>`` in its yaml): e.g. MAE's mask
     ratio is 0.75 for images and 0.30 for text. An ``adapter`` entry refines the adapter under that
-    objective (speech uses sinusoidal positions under MAE)."""
+    objective (speech uses sinusoidal positions under MAE); a ``trainer`` entry sets training keys the
+    command line leaves alone (mmssl.cli.apply_trainer_defaults)."""
     if not objective:
         return {}
     return dict(((modality_cfg.get("objectives") or {}).get(objective)) or {})
@@ -73,7 +74,7 @@ def merge_objective_cfg(name: str, cfg: dict[str, Any], modality_cfgs: dict[str,
     out: dict[str, Any] = {}
     for mcfg in modality_cfgs.values():
         for k, v in objective_defaults(mcfg, name).items():
-            if k != "adapter":
+            if k not in ("adapter", "trainer"):
                 out.setdefault(k, v)
     out.update({k: v for k, v in cfg.items() if v is not None or k not in out})
     return out

@@ -214,3 +214,18 @@ def test_mae_decoder_sizes_follow_the_encoder_size() -> None:
     enc.config = {"size": "micro"}
     small = MAE(("toy", enc), {"mask_ratio": 0.75, "decoder_sizes": {"micro": {"dim": 8, "depth": 1, "heads": 2}}})
     assert (small.decoder_cfg.dim, small.decoder_cfg.depth) == (8, 1)
+
+
+def test_modality_trainer_defaults_yield_to_the_command_line() -> None:
+    from mmssl.cli import apply_trainer_defaults
+    from mmssl.config import compose
+
+    cfg = compose(["modality=text", "objective=mae"])
+    apply_trainer_defaults(cfg, ["text"], ["modality=text", "objective=mae"])
+    assert cfg.trainer.lr == 1e-3  # text MLM's measured learning rate
+    cfg = compose(["modality=text", "objective=mae", "trainer.lr=3e-4"])
+    apply_trainer_defaults(cfg, ["text"], ["trainer.lr=3e-4"])
+    assert cfg.trainer.lr == 3e-4
+    cfg = compose(["modality=image", "objective=mae"])
+    apply_trainer_defaults(cfg, ["image"], [])
+    assert cfg.trainer.lr == 5e-4
