@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.text.data import CONTEXT_LENGTH, EOT, SOT, TOKENIZER_NAME, VOCAB_SIZE, TextCodec
 from torch import nn
 
-from mmssl.modalities.base import ModalityAdapter
-from mmssl.modalities.text.data import CONTEXT_LENGTH, EOT, SOT, TOKENIZER_NAME, VOCAB_SIZE
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
 
@@ -195,10 +195,10 @@ class TextAdapter(ModalityAdapter):
         return out / out.sum(1, keepdim=True).clamp_min(1.0)
 
     def preprocessing(self) -> dict[str, Any]:
+        """``max_len`` is the longest input the encoder takes (context_length): evaluation feeds each
+        text's leading window of that many ids, re-wrapped with sot/eot (``TextCodec.collate``)."""
         return {"tokenizer": TOKENIZER_NAME, "vocab_size": self.vocab_size, "context_length": self.context_length,
-                "sot_id": SOT, "eot_id": EOT, "pad_id": 0, "specials_masked": False}
+                "max_len": self.context_length, "sot_id": SOT, "eot_id": EOT, "pad_id": 0, "specials_masked": False}
 
 
-from mmssl.modalities.text.data import TextCodec  # noqa: E402  (the adapter's data codec)
-
-TextAdapter.codec = TextCodec()
+TextAdapter.codec = TextCodec()  # the adapter's data codec

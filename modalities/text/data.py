@@ -7,9 +7,10 @@ tokenizer is named in ``meta.json`` and in the adapter's ``preprocessing()``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

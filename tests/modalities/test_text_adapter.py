@@ -8,13 +8,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from mmssl.modalities.text.adapter import TextAdapter
+from mmssl.modalities.text.data import EOT, SOT, TextCodec, crop, encode_text
 from omegaconf import OmegaConf
 
 from mmssl.config import compose
 from mmssl.data.shards import BadSample
 from mmssl.factory import build_encoder, encoder_config
-from mmssl.modalities.text.adapter import TextAdapter
-from mmssl.modalities.text.data import EOT, SOT, TextCodec, crop, encode_text
 from mmssl.types import Tokens
 
 SENTENCES = ["A photo of a cat.", "The  quick BROWN fox jumps over the lazy dog!",
@@ -161,6 +161,7 @@ def test_tokens_positions_and_context_limit(encoder: torch.nn.Module) -> None:
     pre = ad.preprocessing()
     assert pre["tokenizer"] == "open_clip SimpleTokenizer bpe_simple_vocab_16e6"
     assert (pre["vocab_size"], pre["context_length"], pre["sot_id"], pre["eot_id"]) == (49408, 77, SOT, EOT)
+    assert pre["max_len"] == 77  # evaluation crops texts to what the encoder takes
 
 
 def test_collate_crops_rewrap_sot_eot() -> None:
@@ -197,8 +198,8 @@ def test_codec_encode_decode_and_bad_samples() -> None:
 def test_views_are_wrapped_crops() -> None:
     torch.manual_seed(0)
     ad = TextAdapter(8, {"view_token_dropout": 0.0})
-    texts = ["one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-             "seventeen eighteen nineteen twenty", "a b c d e f g h i j"]
+    long = " ".join(f"w{i}" for i in range(20))
+    texts = [long, "a b c d e f g h i j"]
     b = batch_of(texts)
     b["label"] = torch.tensor([3, 4])
     views = ad.views(b, 2, 3)

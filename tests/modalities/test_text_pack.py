@@ -7,12 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+from mmssl.modalities.text.data import encode_text
 
 from mmssl.cli import main
 from mmssl.data.loader import iter_split, resolve_source
 from mmssl.data.pack import pack
-from mmssl.modalities.text.data import encode_text
 
 
 def read_back(out: Path, cache_dir: Path) -> tuple[dict, dict[str, int | None], Counter]:
@@ -76,7 +75,7 @@ def test_pack_class_tree_of_txt_and_jsonl(tmp_path: Path, cache_dir: Path) -> No
     assert meta["bad_samples"] == {"unsupported_type": 1, "undecodable": 1, "empty_text": 1, "label_conflict": 1,
                                    "unlabelled_file": 1}
     assert any(f.startswith("sport/more.jsonl:3 (label_conflict") for f in meta["bad_files"])
-    meta2, seen, bad = read_back(out, cache_dir)
+    _, seen, bad = read_back(out, cache_dir)
     want = {ids(t): meta["classes"].index(k.split("/")[0]) for k, t in texts.items()}
     want.update({ids("a match was won"): 1, ids("the team lost"): 1})
     assert not bad and seen == want

@@ -7,16 +7,18 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from mmssl.eval.features import encoder_fn, extract
+from mmssl.eval.probe_fit import linear_probe
+from mmssl.modalities.text.data import EOT, SOT
 from omegaconf import OmegaConf
 
 from mmssl.config import compose
 from mmssl.data.loader import TrainStream, iter_split, resolve_source
-from mmssl.eval.features import encoder_fn, extract
-from mmssl.eval.probe_fit import linear_probe
 from mmssl.factory import build_encoder, encoder_config
-from mmssl.modalities.text.data import EOT, SOT
 
-PROBE_TRAIN = 2000  # the probe's training items (the first ones of the fixed-order train split)
+# The probe's training and validation items (the first ones of the fixed-order splits): a subset keeps
+# this test's feature extraction to ~2,200 sentences; the whole test split is scored.
+PROBE_TRAIN, PROBE_VAL = 1000, 200
 
 
 def first_items(enc: torch.nn.Module, src, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +47,11 @@ def test_random_init_micro_probe_is_between_chance_and_easy(cache_dir: Path) -> 
     enc = build_encoder(encoder_config("text", "micro", OmegaConf.to_container(cfg.modality.text))).eval()
     bad: Counter = Counter()
     xtr, ytr = first_items(enc, src, "train", PROBE_TRAIN)
-    xva, yva, _ = extract(encoder_fn(enc), src, "val", torch.device("cpu"), 64, bad)
+    xva, yva = first_items(enc, src, "val", PROBE_VAL)
     xte, yte, ids = extract(encoder_fn(enc), src, "test", torch.device("cpu"), 64, bad)
     assert not bad and len(ids) == 1000 and len(set(ids.tolist())) == 1000
     assert sorted(Counter(yte.tolist()).values()) == [166, 166, 167, 167, 167, 167]  # balanced topics
-    r = linear_probe(xtr, ytr, xva, yva, xte, yte, [0.01, 0.1, 1.0])
+    r = linear_probe(xtr, ytr, xva, yva, xte, yte, [0.1], max_iter=100)
     print(f"random-init micro probe {r.test_accuracy:.3f} (build {t_build:.0f}s, all {time.perf_counter() - t0:.0f}s)")
     assert 0.2 < r.test_accuracy < 0.8
 
