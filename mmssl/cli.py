@@ -3,8 +3,8 @@
   mmssl pretrain [-m] modality=speech objective=hubert [key=value ...]
   mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
-  mmssl data pack modality=speech src=DIR out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
-  mmssl convert hubert|timm SRC OUT
+  mmssl data pack modality=speech|image|text src=DIR|FILE.jsonl out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
+  mmssl convert hubert|timm SRC OUT [size= mean= std=]
   mmssl list
 
 User errors end with exit code 2 and one line naming the valid choices (MMSSL_DEBUG=1 shows the
@@ -226,7 +226,7 @@ def cmd_extract(args: list[str]) -> int:
 # -- data, convert, list ------------------------------------------------------------------------------
 def cmd_data(args: list[str]) -> int:
     if not args or args[0] != "pack":
-        raise UsageError("usage: mmssl data pack modality=M src=DIR out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]")
+        raise UsageError("usage: mmssl data pack modality=M src=DIR|FILE out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]")
     from mmssl.data.pack import pack
 
     kv = _kv(args[1:], {"modality", "src", "out", "shards", "val", "test", "seed"})
