@@ -26,8 +26,6 @@ key that is not used, and any mmssl parameter left unfilled, is an error.
 """
 from __future__ import annotations
 
-import pickle
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from mmssl.convert.common import count_indexed, load_state_dict, need
 from mmssl.encoder import Encoder
 from mmssl.export import save_encoder
 from mmssl.factory import build_encoder, encoder_config
@@ -58,18 +57,6 @@ def _normalise_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("wav2vec2."): v for k, v in sd.items()}
 
 
-def _indices(sd: dict[str, Tensor], prefix: str) -> int:
-    """Number of numbered sub-modules under ``prefix`` (max index + 1), so one missing key cannot
-    shrink the count and hide itself."""
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    found = [int(m.group(1)) for k in sd if (m := pat.match(k))]
-    return max(found) + 1 if found else 0
-
-
-def _need(sd: dict[str, Tensor], key: str, what: str) -> Tensor:
-    if key not in sd:
-        raise ValueError(f"cannot infer the {what}: the state dict has no {key!r}")
-    return sd[key]
 
 
 def infer_config(sd: dict[str, Tensor], heads: int | None = None,
@@ -80,13 +67,13 @@ def infer_config(sd: dict[str, Tensor], heads: int | None = None,
     norm_first: neither can they; torchaudio pairs a layer_norm feature extractor with pre-norm blocks
     (large, xlarge) and a group_norm one with post-norm blocks (base), so that decides by default."""
     sd = _normalise_keys(sd)
-    n_conv = _indices(sd, _FE)
+    n_conv = count_indexed(sd, _FE)
     if n_conv != len(CONV_SHAPE):
         raise ValueError(f"expected {len(CONV_SHAPE)} feature-extractor conv layers ({_FE}.N.*), found "
                          f"{n_conv}: not a torchaudio Wav2Vec2Model / HuBERT state dict?")
     widths = []
     for i, (k, _) in enumerate(CONV_SHAPE):
-        w = _need(sd, f"{_FE}.{i}.conv.weight", f"width of conv layer {i}")
+        w = need(sd, f"{_FE}.{i}.conv.weight", f"width of conv layer {i}")
         if w.shape[-1] != k:
             raise ValueError(f"conv layer {i} has kernel {w.shape[-1]}; mmssl's front-end uses {k}")
         widths.append(int(w.shape[0]))
@@ -98,9 +85,9 @@ def infer_config(sd: dict[str, Tensor], heads: int | None = None,
     else:
         raise ValueError(f"cannot tell the feature extractor's norm: no {_FE}.0.layer_norm.weight")
 
-    dim = int(_need(sd, "encoder.feature_projection.projection.weight", "model width").shape[0])
-    depth = _indices(sd, f"{_TR}.layers")
-    ffn_dim = int(_need(sd, f"{_TR}.layers.0.feed_forward.intermediate_dense.weight", "FFN width").shape[0])
+    dim = int(need(sd, "encoder.feature_projection.projection.weight", "model width").shape[0])
+    depth = count_indexed(sd, f"{_TR}.layers")
+    ffn_dim = int(need(sd, f"{_TR}.layers.0.feed_forward.intermediate_dense.weight", "FFN width").shape[0])
     if heads is None:
         if dim not in HEADS_BY_WIDTH:
             raise ValueError(f"width {dim} is no torchaudio preset; pass heads= explicitly")
@@ -221,32 +208,12 @@ def convert_hubert_state_dict(sd: dict[str, Tensor], heads: int | None = None,
     return cfg, state
 
 
-def _load_state_dict(src: Path) -> dict[str, Tensor]:
-    """A plain state dict saved with torch.save, or a checkpoint dict holding one under
-    ``state_dict`` or ``model``. weights_only: a checkpoint file cannot run code."""
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{src} is not a plain state dict (torch.load(weights_only=True) refused it); "
-                         f"save model.state_dict(), not the model") from e
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{src} holds no state dict (got {type(obj).__name__})")
-    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{src}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
-    return obj
-
 
 def convert_hubert_file(src: Path, out: Path, heads: int | None = None,
                         norm_first: bool | None = None) -> Path:
     """Convert a torchaudio HuBERT checkpoint file into an mmssl encoder export folder ``out``
     (``model.safetensors`` + ``config.json``, loadable with ``mmssl.load_encoder(out)``)."""
     src, out = Path(src), Path(out)
-    _, state, enc = _convert(_load_state_dict(src), heads, norm_first)
+    _, state, enc = _convert(load_state_dict(src), heads, norm_first)
     enc.load_state_dict(state, strict=True)
     return save_encoder(enc, out, extra={"converted_from": "torchaudio.hubert", "source": str(src)})

@@ -39,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from mmssl.convert.hubert import _load_state_dict
+from mmssl.convert.common import count_indexed, load_state_dict, need
 from mmssl.encoder import Encoder
 from mmssl.export import save_encoder
 from mmssl.factory import build_encoder, encoder_config
@@ -51,28 +51,16 @@ SKIP_PREFIXES = ("head.", "decoder_", "mask_token")
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
-def _indices(sd: dict[str, Tensor], prefix: str) -> int:
-    """Number of numbered sub-modules under ``prefix`` (max index + 1), so one missing key cannot
-    shrink the count and hide itself."""
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    found = [int(m.group(1)) for k in sd if (m := pat.match(k))]
-    return max(found) + 1 if found else 0
-
-
-def _need(sd: dict[str, Tensor], key: str, what: str) -> Tensor:
-    if key not in sd:
-        raise ValueError(f"cannot infer the {what}: the state dict has no {key!r} (not a timm ViT?)")
-    return sd[key]
 
 
 def _layout(sd: dict[str, Tensor]) -> dict[str, Any]:
     """Sizes, prefix tokens, position grid and final norm, read off the tensor shapes."""
-    w = _need(sd, "patch_embed.proj.weight", "patch size")
+    w = need(sd, "patch_embed.proj.weight", "patch size", " (not a timm ViT?)")
     if w.dim() != 4 or w.shape[1] != 3 or w.shape[2] != w.shape[3]:
         raise ValueError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; mmssl needs [D, 3, p, p]")
     dim, patch = int(w.shape[0]), int(w.shape[2])
     n_prefix = sum(int(sd[k].shape[1]) for k in ("cls_token", "reg_token") if k in sd)
-    pos = _need(sd, "pos_embed", "position grid")
+    pos = need(sd, "pos_embed", "position grid", " (not a timm ViT?)")
     rows = int(pos.shape[1])
     for n_pos_prefix in (n_prefix, 0):  # timm's default, then no_embed_class=True
         g = math.isqrt(rows - n_pos_prefix)
@@ -85,8 +73,8 @@ def _layout(sd: dict[str, Tensor]) -> dict[str, Any]:
         raise ValueError("expected exactly one final norm (norm.* for global_pool='token', fc_norm.* for "
                          f"global_pool='avg'); found {'both' if has_norm else 'neither'}")
     return {"dim": dim, "patch": patch, "grid": g, "n_prefix": n_prefix, "n_pos_prefix": n_pos_prefix,
-            "depth": _indices(sd, "blocks"), "final_norm": "norm" if has_norm else "fc_norm",
-            "ffn_dim": int(_need(sd, "blocks.0.mlp.fc1.weight", "FFN width").shape[0])}
+            "depth": count_indexed(sd, "blocks"), "final_norm": "norm" if has_norm else "fc_norm",
+            "ffn_dim": int(need(sd, "blocks.0.mlp.fc1.weight", "FFN width", " (not a timm ViT?)").shape[0])}
 
 
 def infer_config(sd: dict[str, Tensor], size: str | None = None, mean: list[float] | None = None,
@@ -215,7 +203,7 @@ def convert_timm(src: Path, out: Path, size: str | None = None, mean: list[float
     or ``state_dict``, as MAE's) into an mmssl encoder export folder ``out``, loadable with
     ``mmssl.load_encoder(out)``."""
     src, out = Path(src), Path(out)
-    sd = _load_state_dict(src)
+    sd = load_state_dict(src)
     _, state, enc = _convert(sd, size, mean, std)
     enc.load_state_dict(state, strict=True)
     skipped = sorted({k.split(".")[0] for k in sd if k.startswith(SKIP_PREFIXES)})

@@ -1,14 +1,17 @@
 """The Objective contract: forward(batch) -> ObjectiveOutput(loss, metrics), after_step(step)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmssl.encoder import Encoder
+from mmssl.modalities.base import ModalityAdapter
+from mmssl.registry import MODALITIES
 from mmssl.types import Batch, ObjectiveOutput
 
 
@@ -41,12 +44,30 @@ class Objective(nn.Module):
         super().__init__()
         self.towers = nn.ModuleDict()
 
+    #: (adapter member, what it provides): a member every modality must define for this objective,
+    #: e.g. ("unit_features", "frame-level unit features"); None: no requirement.
+    needs: tuple[str, str] | None = None
+
     @classmethod
     def supports(cls, modalities: list[str]) -> str | None:
         """None if the objective works with these modalities, else a one-line reason."""
         if len(modalities) != cls.num_modalities:
-            return f"objective {cls.name!r} takes {cls.num_modalities} modality(ies), got {len(modalities)}"
+            n = "one modality" if cls.num_modalities == 1 else f"{cls.num_modalities} modalities"
+            return f"objective {cls.name!r} takes {n}, got {len(modalities)}"
+        if cls.needs:
+            member, what = cls.needs
+            for m in modalities:
+                if getattr(MODALITIES.get(m), member) is getattr(ModalityAdapter, member):
+                    return f"objective {cls.name!r} needs {what}, which modality {m!r} lacks"
         return None
+
+    @classmethod
+    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> Objective:
+        """The objective over ``encoders`` (name -> Encoder); single-tower objectives take
+        ``(name, encoder)`` and their config."""
+        if cls.num_modalities != 1:
+            raise TypeError(f"{cls.__name__} takes {cls.num_modalities} towers: it must define build()")
+        return cls(next(iter(encoders.items())), cfg)  # type: ignore[call-arg]
 
     def prepare(self, ctx: PrepareContext) -> dict[str, Any]:
         """Called once before the first step (and on resume). Returns metrics to log."""

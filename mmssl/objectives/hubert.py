@@ -18,11 +18,10 @@ from filelock import FileLock
 from torch import nn
 
 from mmssl.encoder import Encoder
-from mmssl.modalities.base import ModalityAdapter
 from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.objectives.hubert_loss import unit_logits
 from mmssl.objectives.unit_targets import UnitTable, check_alignment, fingerprint, fit_units, load_units
-from mmssl.registry import MODALITIES, OBJECTIVES
+from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, ObjectiveOutput
 
 
@@ -38,18 +37,7 @@ def _file_sha1(path: Path) -> str:
 class HuBERT(Objective):
     name = "hubert"
 
-    @classmethod
-    def supports(cls, modalities: list[str]) -> str | None:
-        if len(modalities) != 1:
-            return "objective 'hubert' takes one modality"
-        adapter = MODALITIES.get(modalities[0])
-        if adapter.unit_features is ModalityAdapter.unit_features:
-            return f"objective 'hubert' needs frame-level unit features, which modality {modalities[0]!r} lacks"
-        return None
-
-    @classmethod
-    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> "HuBERT":
-        return cls(next(iter(encoders.items())), cfg)
+    needs = ("unit_features", "frame-level unit features")
 
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()

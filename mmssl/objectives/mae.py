@@ -19,9 +19,8 @@ from torch import nn
 
 from mmssl.backbone import Backbone, BackboneConfig
 from mmssl.encoder import Encoder
-from mmssl.modalities.base import ModalityAdapter
 from mmssl.objectives.base import Objective
-from mmssl.registry import MODALITIES, OBJECTIVES
+from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, EncoderOutput, ObjectiveOutput, Tokens
 
 # MAE's decoder for ViT-B/L/H: 8 blocks of width 512 (16 heads).
@@ -45,18 +44,7 @@ def scatter_visible(h: torch.Tensor, out: EncoderOutput, n: int, mask_token: tor
 class MAE(Objective):
     name = "mae"
 
-    @classmethod
-    def supports(cls, modalities: list[str]) -> str | None:
-        if len(modalities) != 1:
-            return "objective 'mae' takes one modality"
-        adapter = MODALITIES.get(modalities[0])
-        if adapter.target_dim is ModalityAdapter.target_dim:
-            return f"objective 'mae' needs per-token reconstruction targets, which modality {modalities[0]!r} lacks"
-        return None
-
-    @classmethod
-    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> MAE:
-        return cls(next(iter(encoders.items())), cfg)
+    needs = ("target_dim", "per-token reconstruction targets")
 
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()

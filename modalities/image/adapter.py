@@ -197,12 +197,13 @@ class ImageAdapter(ModalityAdapter):
         tokens, chosen by argsort of uniform noise (drawn on CPU with ``generator``); hide the rest."""
         pad = tokens.pad
         B, N = pad.shape
-        L = (~pad).sum(1).cpu()
+        pad_cpu = pad.cpu()  # one device-to-host copy; the noise is drawn on CPU anyway
+        L = (~pad_cpu).sum(1)
         n_keep = (L.double() * (1.0 - ratio)).floor().long()  # float64: the same round-down as int()
         noise = torch.rand(B, N, generator=generator, device="cpu")
-        noise = noise.masked_fill(pad.cpu(), 2.0)  # padding sorts last, after every real token
+        noise = noise.masked_fill(pad_cpu, 2.0)  # padding sorts last, after every real token
         rank = torch.argsort(torch.argsort(noise, 1), 1)
-        hidden = (rank >= n_keep[:, None]) & ~pad.cpu()
+        hidden = (rank >= n_keep[:, None]) & ~pad_cpu
         return hidden.to(pad.device)
 
     # -- views ----------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""What every converter needs: a safe state-dict loader and shape-reading helpers."""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def load_state_dict(src: Path) -> dict[str, Tensor]:
+    """A plain state dict saved with torch.save, or a checkpoint dict holding one under
+    ``state_dict`` or ``model``. weights_only: a checkpoint file cannot run code."""
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{src} is not a plain state dict (torch.load(weights_only=True) refused it); "
+                         f"save model.state_dict(), not the model") from e
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{src} holds no state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{src}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+    return obj
+
+
+def count_indexed(sd: dict[str, Tensor], prefix: str) -> int:
+    """Number of numbered sub-modules under ``prefix`` (max index + 1), so one missing key cannot
+    shrink the count and hide itself."""
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    found = [int(m.group(1)) for k in sd if (m := pat.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def need(sd: dict[str, Tensor], key: str, what: str, hint: str = "") -> Tensor:
+    """sd[key], or a one-line error saying which shape could not be read."""
+    if key not in sd:
+        raise ValueError(f"cannot infer the {what}: the state dict has no {key!r}{hint}")
+    return sd[key]
