@@ -31,12 +31,13 @@ frozen once shipped: any change that alters a single sample must bump it.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.signal import lfilter
+
+from mmssl.data.synth_splits import balanced_labels, split_code, split_count
 
 GENERATOR_VERSION: int = 1
 
@@ -147,14 +148,6 @@ def frame_labels_from_samples(sample_labels: np.ndarray) -> np.ndarray:
     return sample_labels[centres].astype(np.int16)
 
 
-def _split_code(split: str) -> int:
-    return zlib.crc32(split.encode("utf-8")) & 0xFFFFFFFF
-
-
-def _label_sequence(split: str, seed: int, total: int) -> np.ndarray:
-    """Balanced label order for a split: a permutation of (0..9 repeated)."""
-    rng = np.random.default_rng([GENERATOR_VERSION, seed, _split_code(split), 2])
-    return rng.permutation(np.arange(total) % NUM_CLASSES)
 
 
 def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Utterance]:
@@ -164,15 +157,9 @@ def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Uttera
     shorter ``n`` yields a prefix of the full split. Splits use disjoint random streams (seeded by the
     split name); the speakers are shared by all splits. Labels are balanced (a shuffled repetition of
     0..9 over the split's nominal size). Any split name is accepted when ``n`` is given."""
-    if n is None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)} (or pass n)")
-        n = SPLITS[split]
-    n, seed = int(n), int(seed)
-    if n < 0 or seed < 0:
-        raise ValueError(f"n and seed must be >= 0 (got n={n}, seed={seed})")
-    labels = _label_sequence(split, seed, max(n, SPLITS.get(split, 0)))
-    code = _split_code(split)
+    n, seed = split_count(split, n, seed, SPLITS)
+    labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
+    code = split_code(split)
     for i in range(n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         yield synthesize(int(labels[i]), int(rng.integers(NUM_SPEAKERS)), rng)

@@ -29,11 +29,12 @@ single sentence must bump it.
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from mmssl.data.synth_splits import balanced_labels, split_code, split_count
 
 GENERATOR_VERSION: int = 1
 SPLITS = {"train": 8000, "val": 1000, "test": 1000}
@@ -180,25 +181,16 @@ def detokenize(words: list[str]) -> str:
     return s[0].upper() + s[1:]
 
 
-def _split_code(split: str) -> int:
-    return zlib.crc32(split.encode("utf-8")) & 0xFFFFFFFF
-
 
 def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Sentence]:
     """Yield ``n`` sentences of ``split`` (default: its size in ``SPLITS``).
 
     Sentence ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix. Labels are
     balanced: a shuffled repetition of the topics over the split's nominal size."""
-    if n is None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)} (or pass n)")
-        n = SPLITS[split]
-    n, seed = int(n), int(seed)
-    if n < 0 or seed < 0:
-        raise ValueError(f"n and seed must be >= 0 (got n={n}, seed={seed})")
-    code = _split_code(split)
+    n, seed = split_count(split, n, seed, SPLITS)
+    code = split_code(split)
     total = max(n, SPLITS.get(split, 0))
-    labels = np.random.default_rng([GENERATOR_VERSION, seed, code, 2]).permutation(np.arange(total) % len(TOPICS))
+    labels = balanced_labels(GENERATOR_VERSION, seed, split, total, len(TOPICS))
     for i in range(n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         topic = int(labels[i])
