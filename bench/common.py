@@ -158,3 +158,52 @@ def write_json(path: str, results: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+SIDES = ("mmssl", "ref", "ref_compiled", "mmssl_compiled")
+
+
+def add_run_args(p: Any) -> None:
+    """The options every benchmark shares (argparse parser ``p``)."""
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled sides")
+    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192; smoke 256)")
+    p.add_argument("--peak-iters", type=int, default=None, help="matmuls per peak timing (default 50; smoke 2)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the loss-equivalence check")
+    p.add_argument("--check-only", action="store_true", help="run only the loss-equivalence check")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results JSON here")
+
+
+def finish_run_args(p: Any, a: Any) -> Any:
+    """Smoke/full defaults of the shared options, and the list of sides to run."""
+    sm = a.smoke
+    a.shape = "smoke" if sm else "base"
+    a.warmup = a.warmup if a.warmup is not None else (1 if sm else 5)
+    a.steps = a.steps or (2 if sm else 20)
+    small = sm or a.device == "cpu"
+    a.peak_n = a.peak_n or (256 if sm else 1024 if small else 8192)
+    a.peak_iters = a.peak_iters or (2 if small else 50)
+    if a.sides is None:
+        a.sides = "mmssl,ref" if (sm or a.no_compile) else ",".join(SIDES)
+    a.sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    bad = set(a.sides) - set(SIDES)
+    if bad:
+        p.error(f"unknown sides: {sorted(bad)}")
+    if a.no_compile:
+        a.sides = [s for s in a.sides if not s.endswith("_compiled")]
+    return a
+
+
+def start(args: Any, argv: list[str] | None, script: str) -> tuple[torch.device, str]:
+    """The device (refusing CUDA where there is none), thread count, and the command line to record."""
+    import shlex
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here (use --device cpu --smoke)")
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    words = [sys.executable, *sys.argv] if argv is None else ["python", script, *argv]
+    return device, " ".join(shlex.quote(x) for x in words)

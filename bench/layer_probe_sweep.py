@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 
 import torch
+from mmssl.eval.probe_fit import linear_probe
 
 from mmssl.config import cache_dir, compose
 from mmssl.data.loader import iter_split, resolve_source
 from mmssl.encoder import masked_mean
-from mmssl.eval.probe_fit import linear_probe
 from mmssl.export import load_encoder
 
 

@@ -39,7 +39,6 @@ import copy
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 import traceback
@@ -52,13 +51,16 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py, however this file is run
 from common import (
+    add_run_args,
     autocast,
     count_flops,
     exact_fp32,
+    finish_run_args,
     free,
     measure_peak,
     rel_diff,
     spec_peak,
+    start,
     sync,
     time_steps,
     use_source_tree,
@@ -658,48 +660,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per side (default 20; smoke 2)")
     p.add_argument("--sides", default=None,
                    help="comma list of mmssl,ref,ref_compiled,mmssl_compiled (default all four; smoke mmssl,ref)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the compiled sides")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype of the timed steps")
     p.add_argument("--ref-lr", type=float, default=1.5e-4, help="reference lr (MAE: blr 1.5e-4 x batch / 256)")
-    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192; smoke 256)")
-    p.add_argument("--peak-iters", type=int, default=None, help="matmuls per peak timing (default 50; smoke 2)")
-    p.add_argument("--no-check", dest="check", action="store_false", help="skip the loss-equivalence check")
-    p.add_argument("--check-only", action="store_true", help="run only the loss-equivalence check")
     p.add_argument("--check-batch", type=int, default=None, help="images in the check (default 8; smoke 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results JSON here")
+    add_run_args(p)
     a = p.parse_args(argv)
     sm = a.smoke
-    a.shape = "smoke" if sm else "base"
     a.batch = a.batch or (4 if sm else 256)
-    a.warmup = a.warmup if a.warmup is not None else (1 if sm else 5)
-    a.steps = a.steps or (2 if sm else 20)
-    small = sm or a.device == "cpu"
-    a.peak_n = a.peak_n or (256 if sm else 1024 if small else 8192)
-    a.peak_iters = a.peak_iters or (2 if small else 50)
     a.check_batch = a.check_batch or (2 if sm else 8)
-    if a.sides is None:
-        a.sides = "mmssl,ref" if (sm or a.no_compile) else "mmssl,ref,ref_compiled,mmssl_compiled"
-    a.sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    bad = set(a.sides) - {"mmssl", "ref", "ref_compiled", "mmssl_compiled"}
-    if bad:
-        p.error(f"unknown sides: {sorted(bad)}")
-    if a.no_compile:
-        a.sides = [s for s in a.sides if not s.endswith("_compiled")]
-    return a
+    return finish_run_args(p, a)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here (use --device cpu --smoke)")
-    threads = args.threads or (1 if device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    command = " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv]) if argv is None else \
-        " ".join(shlex.quote(x) for x in ["python", "bench/mae_pretrain.py", *argv])
+    device, command = start(args, argv, "bench/mae_pretrain.py")
     import timm
 
     import mmssl
