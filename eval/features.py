@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mmssl.data.loader import DataSource, iter_split
 from mmssl.encoder import Encoder
+from mmssl.export import load_encoder
+from mmssl.factory import build_encoder
 from mmssl.types import Batch
 
 
@@ -42,3 +45,13 @@ def encoder_fn(encoder: Encoder, layer: int = -1) -> Callable[[Batch], torch.Ten
 
 def baseline_fn(encoder: Encoder) -> Callable[[Batch], torch.Tensor]:
     return lambda b: encoder.adapter.baseline_features(b)
+
+
+def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Encoder, str]:
+    """The random-init baseline every evaluator reports: the run's own step-0 weights when the run kept
+    them (``encoders_init/``), else the same architecture freshly initialised with ``seed``."""
+    try:
+        return load_encoder(path, modality=trained.adapter.name, which="encoders_init"), "step0"
+    except (FileNotFoundError, ValueError):
+        torch.manual_seed(seed)
+        return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"  # type: ignore[attr-defined]

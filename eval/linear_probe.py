@@ -1,12 +1,20 @@
-"""Linear probe: frozen encoder -> pooled features -> z-score -> logistic regression with C chosen on
-validation -> test accuracy; beside it the same probe on the run's step-0 weights and on the adapter's
-classical features."""
+"""Linear probe: frozen encoder -> cached pooled features -> many linear probes at once -> the best on
+validation -> test accuracy with its spread; beside it the same protocol on the run's step-0 weights
+and on the adapter's classical features.
+
+Features are extracted once per split (``eval.layers`` x ``eval.pools``, see ``feature_cache``) and
+cached on disk; then, for every label fraction and seed, every variant is trained:
+- ``eval.solver=sgd`` (default): DINOv2's protocol, (feature, learning rate, weight decay) variants
+  trained together in one pass (``probe_sweep``), on the GPU when there is one;
+- ``eval.solver=lbfgs``: scikit-learn's logistic-regression objective solved exactly for each C of
+  ``eval.C`` (``probe_fit``), per feature.
+The variant is chosen on ``split_val`` only. Reported: mean, standard deviation over seeds and a
+bootstrap 95% interval over test items (``stats``)."""
 from __future__ import annotations
 
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,100 +22,157 @@ import torch
 
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
-from mmssl.eval.features import baseline_fn, encoder_fn, extract, input_size
+from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
+from mmssl.eval.features import init_encoder, input_size
 from mmssl.eval.probe_fit import linear_probe
+from mmssl.eval.probe_sweep import grid, train_sweep
+from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
-from mmssl.factory import build_encoder
+
+Splits = tuple[FeatureSet, FeatureSet, FeatureSet]
 
 
-def init_encoder(path: Path, trained: Encoder, seed: int = 0) -> tuple[Encoder, str]:
-    """The random-init baseline: the run's own step-0 weights when the run kept them, else the same
-    architecture freshly initialised with ``seed``."""
-    try:
-        return load_encoder(path, modality=trained.adapter.name, which="encoders_init"), "step0"
-    except (FileNotFoundError, ValueError):
-        torch.manual_seed(seed)
-        return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"  # type: ignore[attr-defined]
+def probe_layers_pools(enc: Encoder, ecfg: dict[str, Any]) -> tuple[list[int], list[str]]:
+    layers = ecfg.get("layers")
+    layers = [int(ecfg.get("layer", -1))] if layers in (None, []) else [int(x) for x in layers]
+    for layer in layers:
+        if not -1 <= layer < enc.depth:
+            raise ValueError(f"eval.layer(s) must be -1 (final output) or 0..{enc.depth - 1}, got {layer}")
+    pools = ecfg.get("pools")
+    pools = [enc.pool] if pools in (None, []) else [str(p) for p in pools]
+    return layers, pools
 
 
-def _probe(fn: Any, source: DataSource, ecfg: dict[str, Any], device: torch.device, bs: int,
-           bad: Counter, max_len: int | None = None) -> dict[str, Any]:
-    splits = [ecfg["split_train"], ecfg["split_val"], ecfg["split_test"]]
-    (xtr, ytr, _), (xva, yva, _), (xte, yte, _) = (extract(fn, source, s, device, bs, bad, max_len) for s in splits)
-    if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
-        keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[: int(ecfg["max_train"])]
-        xtr, ytr = xtr[keep], ytr[keep]
-    if (ytr < 0).any():
-        raise ValueError(f"{source.root} has unlabelled samples: a linear probe needs class labels")
-    r = linear_probe(xtr, ytr, xva, yva, xte, yte, list(ecfg["C"]), int(ecfg.get("max_iter", 300)), device)
-    return {"accuracy": r.test_accuracy, "val_accuracy": r.val_accuracy, "C": r.C,
-            "val_curve": {str(k): v for k, v in r.val_curve.items()},
-            "n": (len(ytr), len(yva), len(yte)), "num_classes": int(max(ytr.max(), yva.max(), yte.max())) + 1}
+def fit_select(keys: list[str], tr: FeatureSet, va: FeatureSet, te: FeatureSet, idx: torch.Tensor,
+               ecfg: dict[str, Any], num_classes: int, device: torch.device, seed: int) -> dict[str, Any]:
+    """Train every variant on the train items ``idx``, pick one on validation -> its test correctness."""
+    xtr = {k: tr.feats[k][idx] for k in keys}
+    ytr = tr.labels[idx]
+    if ecfg.get("solver", "sgd") == "lbfgs":
+        best = None
+        for k in keys:
+            r = linear_probe(xtr[k], ytr, va.feats[k], va.labels, te.feats[k], te.labels, list(ecfg["C"]),
+                             int(ecfg.get("max_iter", 300)), device)
+            if best is None or r.val_accuracy > best[1].val_accuracy:
+                best = (k, r)
+        assert best is not None
+        k, r = best
+        return {"correct": r.test_correct, "val_accuracy": r.val_accuracy, "variant": f"{k}|C={r.C:g}"}
+    if ecfg.get("solver", "sgd") != "sgd":
+        raise ValueError(f"eval.solver must be 'sgd' or 'lbfgs', not {ecfg.get('solver')!r}")
+    variants = grid(keys, list(ecfg["lrs"]), list(ecfg["wds"]))
+    s = train_sweep(xtr, ytr, {k: va.feats[k] for k in keys}, va.labels, variants, num_classes,
+                    int(ecfg.get("epochs", 100)), int(ecfg.get("batch_size", 256)), device, seed)
+    pred = s.predict({k: te.feats[k] for k in keys}).cpu()
+    return {"correct": (pred == te.labels).float(), "val_accuracy": float(s.val_accuracy[s.best]),
+            "variant": s.variants[s.best].name()}
 
 
 def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg: dict[str, Any],
-                     device: torch.device, batch_size: int = 32) -> dict[str, Any]:
+                     device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     enc = load_encoder(encoder_path, device=device)
-    layer = int(ecfg.get("layer", -1))
-    if not -1 <= layer < enc.depth:
-        raise ValueError(f"eval.layer must be -1 (final output) or 0..{enc.depth - 1}, got {layer}")
+    layers, pools = probe_layers_pools(enc, ecfg)
     init, init_source = init_encoder(Path(encoder_path), enc)
     init = init.to(device)
-    bad: Counter = Counter()
     size = input_size(enc)
-    trained = _probe(encoder_fn(enc, layer), source, ecfg, device, batch_size, bad, size)
-    rand = _probe(encoder_fn(init, layer), source, ecfg, device, batch_size, Counter(), size)
-    base = _probe(baseline_fn(enc), source, ecfg, device, batch_size, Counter(), size)
-    n_train, n_val, n_test = trained["n"]
+    root = cache_root_for(cache_dir, bool(ecfg.get("cache_features", True)))
+    splits = [ecfg["split_train"], ecfg["split_val"], ecfg["split_test"]]
+    with_base = bool(ecfg.get("baseline", True))
+
+    def feats(e: Encoder, base: bool) -> Splits:
+        return tuple(encoder_features(e, source, s, device, batch_size, layers, pools, size, base, root)
+                     for s in splits)  # type: ignore[return-value]
+
+    trained, rand = feats(enc, with_base), feats(init, False)
+    tr = trained[0]
+    if (tr.labels < 0).any():
+        raise ValueError(f"{source.root} has unlabelled samples: a linear probe needs class labels")
+    if tr.labels.dim() > 1:
+        raise ValueError("the linear probe takes single-label data; use `mmssl eval finetune` for multi-label")
+    num_classes = int(max(int(s.labels.max()) for s in trained)) + 1
+    keys = [k for k in (feature_key(layer, p) for layer in layers for p in pools) if k in tr.feats]
+    pool_train = torch.arange(len(tr.labels))
+    if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
+        pool_train = torch.randperm(len(tr.labels), generator=torch.Generator().manual_seed(0))[: int(ecfg["max_train"])]
+    fractions, seeds = fractions_and_seeds(ecfg)
+    sides = {"": (trained, keys), "random_init_": (rand, keys)}
+    if with_base:
+        sides["features_baseline_"] = (trained, ["baseline"])
+    per_fraction = []
+    for f in fractions:
+        res: dict[str, list[dict[str, Any]]] = {p: [] for p in sides}
+        for seed in seeds:
+            idx = pool_train[label_subset(tr.labels[pool_train], f, seed)]
+            for prefix, (fs, ks) in sides.items():
+                res[prefix].append(fit_select(ks, *fs, idx=idx, ecfg=ecfg, num_classes=num_classes,
+                                              device=device, seed=seed))
+        entry: dict[str, Any] = {"label_fraction": f, "n_train": len(idx)}
+        for prefix, runs in res.items():
+            entry.update(summarise([r["correct"] for r in runs], prefix=prefix))
+            entry[f"{prefix}val_accuracy"] = [r["val_accuracy"] for r in runs]
+            entry[f"{prefix}variant"] = [r["variant"] for r in runs]
+        per_fraction.append(entry)
+    top = max(per_fraction, key=lambda e: e["label_fraction"])
+    head = {k: v for k, v in top.items() if k not in ("label_fraction", "n_train")}
     result = {
-        "accuracy": trained["accuracy"],
-        "random_init_accuracy": rand["accuracy"],
-        "features_baseline_accuracy": base["accuracy"],
-        "num_classes": trained["num_classes"],
-        "n_train": n_train, "n_val": n_val, "n_test": n_test,
-        "layer": layer,
+        "evaluator": "linear_probe",
+        **head,
+        "label_fractions": per_fraction,
+        "seeds": len(seeds),
+        "num_classes": num_classes,
+        "n_train": top["n_train"], "n_val": len(trained[1].labels), "n_test": len(trained[2].labels),
+        "layer": layers[0] if len(layers) == 1 else layers, "layers": layers, "pools": pools,
         "pool": enc.pool,
-        "val_accuracy": trained["val_accuracy"], "C": trained["C"],
-        "random_init_val_accuracy": rand["val_accuracy"], "random_init_C": rand["C"],
-        "features_baseline_val_accuracy": base["val_accuracy"], "features_baseline_C": base["C"],
+        "solver": ecfg.get("solver", "sgd"),
         "random_init_source": init_source,
         "features_baseline": type(enc.adapter).baseline_features.__doc__.strip().splitlines()[0]
         if type(enc.adapter).baseline_features.__doc__ else "baseline_features",
         "encoder": str(getattr(enc, "source", encoder_path)),
         "modality": enc.adapter.name,
         "data": str(source.root),
-        "skipped_samples": dict(bad),
+        "skipped_samples": {k: v for s in trained for k, v in s.skipped.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "linear_probe.json").write_text(json.dumps(result, indent=2))
     plot_probe(result, out / "linear_probe.png")
-    print(f"linear probe ({enc.adapter.name}, layer {layer}): trained {result['accuracy']:.3f} | "
-          f"random init {result['random_init_accuracy']:.3f} | classical features "
-          f"{result['features_baseline_accuracy']:.3f} | {n_test} test items, {result['num_classes']} classes "
-          f"-> {out / 'linear_probe.json'}", file=sys.stdout, flush=True)
+    ci = result["accuracy_ci95"]
+    print(f"linear probe ({enc.adapter.name}, layers {layers}, {result['solver']}): trained {result['accuracy']:.3f} "
+          f"[{ci[0]:.3f}, {ci[1]:.3f}] | random init {result['random_init_accuracy']:.3f} | classical features "
+          f"{result.get('features_baseline_accuracy', float('nan')):.3f} | {result['n_test']} test items, "
+          f"{num_classes} classes -> {out / 'linear_probe.json'}", file=sys.stdout, flush=True)
     return result
 
 
 def plot_probe(r: dict[str, Any], path: Path) -> None:
+    """Bars with 95% intervals per label fraction: trained, random init, classical features."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["trained", "random init", "classical\nfeatures"]
-    vals = [r["accuracy"], r["random_init_accuracy"], r["features_baseline_accuracy"]]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    bars = ax.bar(names, vals, color=["tab:blue", "tab:gray", "tab:orange"])
+    sides = [("", "trained", "tab:blue"), ("random_init_", "random init", "tab:gray"),
+             ("features_baseline_", "classical features", "tab:orange")]
+    sides = [s for s in sides if f"{s[0]}accuracy" in r]
+    fr = r["label_fractions"]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(fr), 3.4))
+    w = 0.8 / len(sides)
+    for j, (prefix, label, colour) in enumerate(sides):
+        xs = [i + (j - (len(sides) - 1) / 2) * w for i in range(len(fr))]
+        vals = [e[f"{prefix}accuracy"] for e in fr]
+        err = [[v - e[f"{prefix}accuracy_ci95"][0] for v, e in zip(vals, fr)],
+               [e[f"{prefix}accuracy_ci95"][1] - v for v, e in zip(vals, fr)]]
+        ax.bar(xs, vals, w, yerr=err, capsize=3, color=colour, label=label)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.03, f"{v:.3f}", ha="center", fontsize=7)
     ax.axhline(1.0 / max(r["num_classes"], 1), color="k", lw=0.8, ls="--", label="chance")
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"linear probe, {r['modality']}, layer {r['layer']}")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(range(len(fr)), [f"{e['label_fraction']:g} of labels\n(n={e['n_train']})" for e in fr])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test accuracy (95% CI)")
+    ax.set_title(f"linear probe, {r['modality']}, layers {r['layers']}, {r['seeds']} seed(s)", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

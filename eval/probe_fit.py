@@ -16,6 +16,7 @@ class ProbeResult:
     val_accuracy: float
     test_accuracy: float
     val_curve: dict[float, float]
+    test_correct: torch.Tensor | None = None  # [n_test] 1.0 where the chosen probe is right
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -67,4 +68,6 @@ def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: t
         if best is None or acc > best[1]:
             best = (C, acc, Wb)
     assert best is not None
-    return ProbeResult(C=best[0], val_accuracy=best[1], test_accuracy=accuracy(xte, yte, best[2]), val_curve=curve)
+    correct = ((xte @ best[2][0] + best[2][1]).argmax(1) == yte).float().cpu()
+    return ProbeResult(C=best[0], val_accuracy=best[1], test_accuracy=float(correct.mean()), val_curve=curve,
+                       test_correct=correct)

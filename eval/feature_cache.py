@@ -1,0 +1,134 @@
+"""Features extracted once per (encoder weights, data, split, input size) and cached on disk.
+
+Every evaluator that trains on frozen features (linear probe sweeps, k-NN, the layer-weighted probe)
+reads them from here, so an encoder passes over a split once however many probe variants, layers,
+poolings, label fractions and seeds follow. Features are keyed ``"<layer>:<pool>"``: ``-1`` is the
+encoder's final output (after the final norm), ``i >= 0`` block i's output; pools are ``mean`` (over
+real tokens) and ``cls`` (the first prefix token, final output only). ``"baseline"`` holds the
+adapter's classical features. Files are safetensors (no pickle) written atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmssl.data.loader import DataSource, iter_split
+from mmssl.encoder import Encoder, masked_mean
+
+FORMAT = 1
+
+
+@dataclass
+class FeatureSet:
+    """feats: key -> [n, D] float32 (cpu); labels: [n] int64 (-1 = unlabelled) or [n, K] multi-hot;
+    ids: [n] sample ids. Rows are in the same order in every tensor."""
+
+    feats: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    ids: torch.Tensor
+    skipped: dict[str, int]
+
+
+def feature_key(layer: int, pool: str) -> str:
+    return f"{int(layer)}:{pool}"
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _wanted(encoder: Encoder, layers: Sequence[int], pools: Sequence[str]) -> list[tuple[int, str]]:
+    out = []
+    for layer in layers:
+        if not -1 <= int(layer) < encoder.depth:
+            raise ValueError(f"layer must be -1 (final output) or 0..{encoder.depth - 1}, got {layer}")
+        for pool in pools:
+            if pool not in ("mean", "cls"):
+                raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
+            if pool == "cls" and (int(layer) != -1 or encoder.prefix is None):
+                continue  # a CLS feature exists only at the output of an encoder with a prefix token
+            out.append((int(layer), pool))
+    if not out:
+        raise ValueError(f"no features for layers {list(layers)} with pools {list(pools)} "
+                         f"(cls needs layer -1 and an encoder with a CLS token)")
+    return out
+
+
+@torch.no_grad()
+def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.device, batch_size: int,
+             wanted: list[tuple[int, str]], max_len: int | None, baseline: bool,
+             bad: Counter) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    encoder.eval()
+    need_layers = any(layer >= 0 for layer, _ in wanted)
+    cols: dict[str, list[torch.Tensor]] = {feature_key(*w): [] for w in wanted}
+    if baseline:
+        cols["baseline"] = []
+    labels, ids = [], []
+    for batch in iter_split(source, split, batch_size, bad, max_len=max_len):
+        b = {k: v.to(device) for k, v in batch.items()}
+        out = encoder(b, return_layers=need_layers)
+        for layer, pool in wanted:
+            if pool == "cls":
+                f = out.prefix[:, 0]
+            else:
+                f = masked_mean(out.last if layer == -1 else out.layers[layer], out.pad)
+            cols[feature_key(layer, pool)].append(f.float().cpu())
+        if baseline:
+            cols["baseline"].append(encoder.adapter.baseline_features(b).float().cpu())
+        labels.append(batch.get("label", torch.full_like(batch["sample_id"], -1)))
+        ids.append(batch["sample_id"])
+    if not ids:
+        raise ValueError(f"split {split!r} of {source.root} has no usable samples")
+    return {k: torch.cat(v) for k, v in cols.items()}, torch.cat(labels), torch.cat(ids)
+
+
+def encoder_features(encoder: Encoder, source: DataSource, split: str, device: torch.device,
+                     batch_size: int = 32, layers: Sequence[int] = (-1,), pools: Sequence[str] = ("mean",),
+                     max_len: int | None = None, baseline: bool = False,
+                     cache_root: Path | None = None) -> FeatureSet:
+    """Pooled features of every sample of ``split`` for each (layer, pool) asked (see module doc).
+
+    With ``cache_root``, a previous extraction of the same weights, data, split, input size and keys
+    is read back instead of running the encoder again."""
+    wanted = _wanted(encoder, layers, pools)
+    keys = [feature_key(*w) for w in wanted] + (["baseline"] if baseline else [])
+    path = None
+    if cache_root is not None:
+        ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
+                            "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
+                            "keys": keys, "pre": getattr(encoder, "config", {}).get("preprocessing")},
+                           sort_keys=True, default=str)
+        path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
+        if path.exists():
+            t = load_file(str(path))
+            meta = json.loads(path.with_suffix(".json").read_text())
+            return FeatureSet({k: t[f"f/{k}"] for k in keys}, t["labels"], t["ids"], meta["skipped"])
+    bad: Counter = Counter()
+    feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad)
+    fs = FeatureSet(feats, labels, ids, dict(bad))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({**{f"f/{k}": v.contiguous() for k, v in feats.items()}, "labels": labels.contiguous(),
+                   "ids": ids.contiguous()}, str(tmp))
+        path.with_suffix(".json").write_text(json.dumps({"skipped": dict(bad), "split": split,
+                                                         "encoder": str(getattr(encoder, "source", "")),
+                                                         "data": str(source.root)}))
+        os.replace(tmp, path)  # the json first: a present .safetensors always has its meta
+    return fs
+
+
+def cache_root_for(cache_dir: Path | str | None, enabled: bool = True) -> Path | None:
+    """Where cached features live: ``<cache_dir>/features`` (``eval.cache_features=false``: nowhere)."""
+    return Path(cache_dir) / "features" if (enabled and cache_dir is not None) else None
