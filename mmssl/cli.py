@@ -1,7 +1,9 @@
 """The ``mmssl`` command line.
 
   mmssl pretrain [-m] modality=speech objective=hubert [key=value ...]
-  mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]
+  mmssl eval linear-probe|knn|finetune|layer-probe encoder=PATH [out=DIR] [data=...] [eval.seeds=N]
+                          [eval.label_fraction=[0.01,0.1,1.0]] [eval.KEY=...]
+  mmssl report RUN_DIR [RUN_DIR ...] [out=DIR]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
   mmssl data pack modality=speech|image|text src=DIR|FILE.jsonl out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
   mmssl convert hubert|timm SRC OUT [size= mean= std=]
@@ -175,28 +177,89 @@ def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
     from mmssl.data.loader import resolve_source
     from mmssl.export import resolve_encoder_dir
 
-    cfg = compose(args)
-    if not cfg.encoder:
+    given = [a.split("=", 1)[1] for a in args if a.startswith("encoder=")]
+    if not given or not given[-1]:
         raise UsageError("needs encoder=PATH (a run directory or an exported encoder)")
-    enc_dir = resolve_encoder_dir(Path(cfg.encoder))
+    enc_dir = resolve_encoder_dir(Path(given[-1]))
     modality = json.loads((enc_dir / "config.json").read_text())["modality"]
-    if modality not in cfg.modality:
-        cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality={modality}"])
+    # the encoder names its modality: compose with it, so that modality.<m>.* keys exist
+    cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality={modality}"])
     _set_threads(cfg.trainer.threads)
     source = resolve_source(to_dict(cfg.data), [modality], cfg.modality[modality].get("preset"), cache_dir(cfg))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
     return cfg, source, enc_dir, device
 
 
-def cmd_eval(args: list[str]) -> int:
-    if not args or args[0] not in ("linear-probe",):
-        raise UsageError("usage: mmssl eval linear-probe encoder=PATH [out=DIR] [data=...] [eval.layer=-1]")
-    from mmssl.config import to_dict
-    from mmssl.eval.linear_probe import run_linear_probe
+EVALUATORS = {  # command -> (config in configs/eval/, module, function)
+    "linear-probe": ("linear_probe", "mmssl.eval.linear_probe", "run_linear_probe"),
+    "knn": ("knn", "mmssl.eval.knn", "run_knn"),
+    "finetune": ("finetune", "mmssl.eval.finetune", "run_finetune"),
+    "layer-probe": ("layer_probe", "mmssl.eval.layer_probe", "run_layer_probe"),
+}
 
-    cfg, source, _, device = _eval_setup(args[1:])
+
+def check_preprocessing(args: list[str], saved: dict[str, Any], where: Path) -> None:
+    """Evaluation feeds an encoder the preprocessing it was trained with, read from its config.json.
+    A command-line key that would describe the encoder differently is refused, not silently ignored."""
+    import yaml
+
+    m = saved["modality"]
+    for a in args:
+        key, eq, raw = a.lstrip("+~").partition("=")
+        if not eq:
+            continue
+        if key.startswith(f"modality.{m}.adapter."):
+            k = key[len(f"modality.{m}.adapter."):]
+            have = saved.get("adapter", {}).get(k, saved.get("preprocessing", {}).get(k))
+        elif key == f"modality.{m}.max_len":
+            have = saved.get("preprocessing", {}).get("max_len")
+        elif key.startswith(("model.", f"modality.{m}.")) and key != f"modality.{m}.preset":
+            raise UsageError(f"{key} describes the encoder, which evaluation reads from {where}/config.json; "
+                             f"remove it (evaluate another encoder to change it)")
+        else:
+            continue
+        given = yaml.safe_load(raw)
+        if given != have:
+            raise UsageError(f"{key}={raw} differs from the preprocessing the encoder was trained with "
+                             f"({have!r}, {where}/config.json): evaluation uses the saved preprocessing")
+
+
+def cmd_eval(args: list[str]) -> int:
+    import importlib
+
+    if not args or args[0] not in EVALUATORS:
+        raise UsageError("usage: mmssl eval {" + "|".join(EVALUATORS) + "} encoder=PATH [out=DIR] [data=...] [eval.KEY=...]")
+    from mmssl.config import cache_dir, to_dict
+
+    cfg_name, module, fn = EVALUATORS[args[0]]
+    rest = list(args[1:])
+    if not any(a.startswith("eval=") for a in rest):
+        rest.insert(0, f"eval={cfg_name}")
+    from mmssl.export import resolve_encoder_dir
+
+    given = [a.split("=", 1)[1] for a in rest if a.startswith("encoder=")]
+    if given:  # checked before composing: the keys may not even exist in the default modality's config
+        d = resolve_encoder_dir(Path(given[-1]))
+        check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
+    cfg, source, enc_dir, device = _eval_setup(rest)
     out = Path(cfg.out) if cfg.out else Path(cfg.encoder) / "eval"
-    run_linear_probe(cfg.encoder, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size))
+    run = getattr(importlib.import_module(module), fn)
+    run(cfg.encoder, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size), cache_dir(cfg))
+    return 0
+
+
+def cmd_report(args: list[str]) -> int:
+    from mmssl.eval.report import main_report
+
+    runs = [a for a in args if "=" not in a]
+    kv = _kv([a for a in args if "=" in a], {"out"})
+    if not runs:
+        raise UsageError("usage: mmssl report RUN_DIR [RUN_DIR ...] [out=DIR]")
+    for r in runs:
+        if not Path(r).is_dir():
+            raise UsageError(f"{r} is not a directory")
+    path = main_report([Path(r) for r in runs], Path(kv.get("out", "report")))
+    print(f"wrote {path}")
     return 0
 
 
@@ -283,7 +346,7 @@ def cmd_list(args: list[str]) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "extract": cmd_extract, "data": cmd_data,
-            "convert": cmd_convert, "list": cmd_list}
+            "convert": cmd_convert, "report": cmd_report, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
