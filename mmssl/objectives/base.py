@@ -48,6 +48,10 @@ class Objective(nn.Module):
     #: e.g. ("unit_features", "frame-level unit features"); None: no requirement.
     needs: tuple[str, str] | None = None
 
+    #: why ``forward`` cannot score held-out data (e.g. targets fitted on the train split only), so the
+    #: training monitor logs this instead of a validation loss; None: it can.
+    no_val_loss: str | None = None
+
     @classmethod
     def supports(cls, modalities: list[str]) -> str | None:
         """None if the objective works with these modalities, else a one-line reason."""

@@ -39,6 +39,8 @@ class HuBERT(Objective):
 
     needs = ("unit_features", "frame-level unit features")
 
+    no_val_loss = "HuBERT's unit targets are fitted on the train split only: held-out items have none"
+
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()
         self.modality, encoder = tower

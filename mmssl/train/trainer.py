@@ -20,6 +20,7 @@ from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import DistInfo, any_true, barrier
 from mmssl.train.logger import MetricsLogger, plot_loss
+from mmssl.train.monitor import Monitor, describe
 from mmssl.train.schedule import lr_factor
 
 
@@ -168,6 +169,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         n_sum, items, t0, bad_run = 0, 0, time.perf_counter(), 0
         progress = _Progress(max_steps, step, enabled=self.dist.is_main and bool(t.get("progress", True)))
+        monitor = Monitor(obj, self.source, t, self.device, self.max_len, self.autocast_dtype)
         obj.train()
         while step < max_steps:
             lr = float(t["lr"]) * lr_factor(step, max_steps, warmup, t.get("schedule", "cosine"),
@@ -222,6 +224,11 @@ class Trainer:
                 progress.update(step, rec)
                 sums.clear()
                 n_sum, items, t0 = 0, 0, time.perf_counter()
+            if monitor.due(step, max_steps):
+                ev = monitor.evaluate(step)
+                self.logger.log(ev)
+                progress.note(describe(ev))
+                t0 += ev["eval_seconds"]  # throughput counts training time only
             names = []
             if every and step % every == 0:
                 names.append(f"step_{step}")
@@ -259,6 +266,15 @@ class _Progress:
             self.bar.update(self.task, completed=step, info=info)
         else:
             print(f"[mmssl] step {step}  {info}  lr {rec['lr']:.2e}", file=sys.stderr, flush=True)
+
+    def note(self, line: str) -> None:
+        """A line above the bar (or on its own): evaluation results."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(f"[mmssl] {line}", markup=False, highlight=False)
+        else:
+            print(f"[mmssl] {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
