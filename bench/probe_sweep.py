@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start, sync, use_source_tree, write_json  # noqa: E402
+from common import start, sync, use_source_tree, write_json
 
 use_source_tree()
-from mmssl.eval.probe_sweep import grid, train_sweep  # noqa: E402
+from mmssl.eval.probe_sweep import grid, train_sweep
 
 
 def make_features(n_train: int, n_val: int, dim: int, classes: int, seed: int,
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the code paths only")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="override the epochs (e.g. a shorter CPU run)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device, cmd = start(a, argv, "bench/probe_sweep.py")
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         n_train, n_val, dim, classes, epochs, batch = 2000, 500, 64, 10, 5, 256
     else:
         n_train, n_val, dim, classes, epochs, batch = 50_000, 10_000, 768, 100, 100, 1024
+    epochs = a.epochs or epochs
     lrs, wds = [0.01, 0.03, 0.1, 0.3], [0.0, 1e-4]
     variants = grid(["f"], lrs, wds)
     xtr, ytr, xva, yva = make_features(n_train, n_val, dim, classes, a.seed, device)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     res["ratio_ref_over_mmssl"] = r["seconds"] / m["seconds"]
     res["max_val_acc_diff"] = max(abs(x - y) for x, y in zip(m["val_accuracy"], r["val_accuracy"]))
     res["under_10_s"] = m["seconds"] < 10.0
-    print(f"| side | seconds per sweep | best val accuracy |\n|---|---|---|")
+    print("| side | seconds per sweep | best val accuracy |\n|---|---|---|")
     for side in ("mmssl", "ref"):
         s = res["sides"][side]
         print(f"| {side} | {s['seconds']:.2f} | {s['best_val_accuracy']:.4f} |")

@@ -6,7 +6,8 @@ deviation (0 with one seed), and a percentile-bootstrap 95% interval that resamp
 covers training noise)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -10,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssl.eval.layer_probe import (fit_layer_probe, layers_to_probe, single_scores, standardise_layers,
-                                    weighted_scores, weighted_sum)
+from mmssl.eval.layer_probe import (
+    fit_layer_probe,
+    layers_to_probe,
+    single_scores,
+    standardise_layers,
+    weighted_scores,
+    weighted_sum,
+)
 
 
 def test_weighted_sum_with_zero_logits_is_the_plain_average() -> None:

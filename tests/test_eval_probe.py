@@ -127,10 +127,10 @@ def test_sweep_learns_and_selects_on_validation() -> None:
 
 # -- the feature cache --------------------------------------------------------------------------------
 def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir: Path) -> None:
+    from mmssl.config import compose, to_dict
     from mmssl.data.loader import resolve_source
     from mmssl.eval.feature_cache import encoder_features
     from mmssl.factory import build_encoder, encoder_config
-    from mmssl.config import compose, to_dict
 
     cfg = compose(["modality=image", "data=digits"])
     src = resolve_source(to_dict(cfg.data), ["image"], None, cache_dir)

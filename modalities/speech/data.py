@@ -85,14 +85,16 @@ class SpeechCodec:
     def collate(self, items: list[dict[str, Any]], max_len: int | None, generator: torch.Generator | None,
                 keep_frame_labels: bool = True) -> Batch:
         """Pads to the longest item; items longer than ``max_len`` are cropped at a random multiple of
-        the 320-sample hop, recorded in ``speech_offset`` so frame targets stay aligned."""
+        the 320-sample hop (without a generator, evaluation: the centred one, so reading a split never
+        draws from the global random stream), recorded in ``speech_offset`` so frame targets stay aligned."""
         lens, offs, wavs = [], [], []
         for it in items:
             w = it["speech"]
             off = 0
             if max_len is not None and w.numel() > max_len:
                 room = (w.numel() - max_len) // HOP
-                off = int(torch.randint(room + 1, (1,), generator=generator)) * HOP
+                off = (int(torch.randint(room + 1, (1,), generator=generator)) if generator is not None
+                       else room // 2) * HOP
                 w = w[off: off + max_len]
             wavs.append(w)
             lens.append(w.numel())
