@@ -99,25 +99,23 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
                      cache_root: Path | None = None) -> FeatureSet:
     """Pooled features of every sample of ``split`` for each (layer, pool) asked (see module doc).
 
-    With ``cache_root``, a previous extraction of the same weights, data, split, input size and keys
-    is read back instead of running the encoder again."""
+    With ``cache_root``, one pass extracts every feature the encoder has (each block's mean, the final
+    mean and CLS, the classical baseline) and caches them all, so the linear probe, k-NN and the
+    layer probe of one encoder share a single pass over the data; later calls read them back."""
     wanted = _wanted(encoder, layers, pools)
     keys = [feature_key(*w) for w in wanted] + (["baseline"] if baseline else [])
-    path = None
-    if cache_root is not None:
-        ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
-                            "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
-                            "keys": keys, "pre": getattr(encoder, "config", {}).get("preprocessing")},
-                           sort_keys=True, default=str)
-        path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
-        if path.exists():
-            t = load_file(str(path))
-            meta = json.loads(path.with_suffix(".json").read_text())
-            return FeatureSet({k: t[f"f/{k}"] for k in keys}, t["labels"], t["ids"], meta["skipped"])
-    bad: Counter = Counter()
-    feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad)
-    fs = FeatureSet(feats, labels, ids, dict(bad))
-    if path is not None:
+    if cache_root is None:
+        bad: Counter = Counter()
+        feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad)
+        return FeatureSet(feats, labels, ids, dict(bad))
+    every = _wanted(encoder, [*range(encoder.depth), -1], ["mean", "cls"])
+    ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
+                        "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
+                        "pre": getattr(encoder, "config", {}).get("preprocessing")}, sort_keys=True, default=str)
+    path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
+    if not path.exists():
+        bad = Counter()
+        feats, labels, ids = _extract(encoder, source, split, device, batch_size, every, max_len, True, bad)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({**{f"f/{k}": v.contiguous() for k, v in feats.items()}, "labels": labels.contiguous(),
@@ -126,7 +124,9 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
                                                          "encoder": str(getattr(encoder, "source", "")),
                                                          "data": str(source.root)}))
         os.replace(tmp, path)  # the json first: a present .safetensors always has its meta
-    return fs
+    t = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return FeatureSet({k: t[f"f/{k}"] for k in keys}, t["labels"], t["ids"], meta["skipped"])
 
 
 def cache_root_for(cache_dir: Path | str | None, enabled: bool = True) -> Path | None:
