@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource, iter_split
 from mmssl.encoder import Encoder, masked_mean
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -111,7 +112,8 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
     every = _wanted(encoder, [*range(encoder.depth), -1], ["mean", "cls"])
     ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
                         "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
-                        "pre": getattr(encoder, "config", {}).get("preprocessing")}, sort_keys=True, default=str)
+                        "encoder": {k: v for k, v in getattr(encoder, "config", {}).items() if k not in ("step", "objective")}},
+                       sort_keys=True, default=str)  # the architecture too: equal weights, other heads
     path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
     if not path.exists():
         bad = Counter()
@@ -120,7 +122,7 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({**{f"f/{k}": v.contiguous() for k, v in feats.items()}, "labels": labels.contiguous(),
                    "ids": ids.contiguous()}, str(tmp))
-        path.with_suffix(".json").write_text(json.dumps({"skipped": dict(bad), "split": split,
+        write_text(path.with_suffix(".json"), json.dumps({"skipped": dict(bad), "split": split,
                                                          "encoder": str(getattr(encoder, "source", "")),
                                                          "data": str(source.root)}))
         os.replace(tmp, path)  # the json first: a present .safetensors always has its meta

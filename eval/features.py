@@ -9,7 +9,7 @@ import torch
 
 from mmssl.data.loader import DataSource, iter_split
 from mmssl.encoder import Encoder
-from mmssl.export import load_encoder
+from mmssl.export import load_encoder, resolve_encoder_dir
 from mmssl.factory import build_encoder
 from mmssl.types import Batch
 
@@ -51,7 +51,8 @@ def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Enc
     """The random-init baseline every evaluator reports: the run's own step-0 weights when the run kept
     them (``encoders_init/``), else the same architecture freshly initialised with ``seed``."""
     try:
-        return load_encoder(path, modality=trained.adapter.name, which="encoders_init"), "step0"
-    except (FileNotFoundError, ValueError):
+        d = resolve_encoder_dir(Path(path), trained.adapter.name, which="encoders_init")
+    except (FileNotFoundError, ValueError):  # an import, or a run without step-0 weights
         torch.manual_seed(seed)
         return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"  # type: ignore[attr-defined]
+    return load_encoder(d), "step0"  # weights that do not fit are an error, not a silent fallback

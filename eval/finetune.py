@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource, iter_split
 from mmssl.data.shards import read_samples, split_paths
 from mmssl.encoder import Encoder
@@ -59,7 +60,7 @@ from mmssl.train.schedule import lr_factor
 from mmssl.types import Batch
 
 #: parameter names that are tokens or tables rather than weights: no weight decay (timm's no_weight_decay)
-NO_DECAY_NAMES = ("prefix", "mask_embedding", "pos_embed")
+NO_DECAY_NAMES = ("prefix", "mask_embedding", "pos_embed", "position_embedding")
 #: training batches are formed from pools of this many batches sorted by length: little padding for
 #: variable-length inputs, while each pool is a fresh random draw every epoch
 BUCKET = 4
@@ -402,7 +403,7 @@ def finetune_once(encoder: Encoder, source: DataSource, train: SplitData, idx: t
                 logits = model(b)
             loss = finetune_loss(logits, b["label"], smoothing)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite fine-tuning loss at step {step} (lr {lr:g}): "
+                raise ValueError(f"non-finite fine-tuning loss at step {step} (lr {lr:g}): "
                                          f"lower eval.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -535,7 +536,7 @@ def run_finetune(encoder_path: str | Path, out: str | Path, source: DataSource, 
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "finetune.json", json.dumps(result, indent=2))
     plot_finetune(result, out / "finetune.png")
     (lo, hi), (rlo, rhi) = result["accuracy_ci95"], result["random_init_accuracy_ci95"]
     print(f"finetune ({enc.adapter.name}, {mode}, fraction {top['label_fraction']:g}, {len(seeds)} seed(s)): "

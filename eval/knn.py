@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.eval.feature_cache import cache_root_for, encoder_features, feature_key
 from mmssl.eval.features import init_encoder, input_size
@@ -206,7 +207,7 @@ def run_knn(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg:
     result["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "knn.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "knn.json", json.dumps(result, indent=2))
     plot_knn(result, out / "knn.png")
     ci = result["accuracy_ci95"]
     print(f"k-NN ({enc.adapter.name}, k={top['chosen_k'][0]}, T={T}, {key}): trained {result['accuracy']:.3f} "

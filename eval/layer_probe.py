@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
 from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
@@ -288,7 +289,7 @@ def run_layer_probe(encoder_path: str | Path, out: str | Path, source: DataSourc
     num_classes = _check_labels([ytr, yva, yte], source)
     # the baseline must read the same items in the same order (same codec, same input size)
     if not all(torch.equal(y, y2) for (_, y), (_, y2) in zip(feats["trained"], feats["random"])):
-        raise RuntimeError("the trained and random-init encoders saw different items")
+        raise ValueError("the trained and random-init encoders saw different items")
 
     layers, final_is_last = layers_to_probe(xtr)
     L = len(layers)
@@ -361,7 +362,7 @@ def run_layer_probe(encoder_path: str | Path, out: str | Path, source: DataSourc
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_probe.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "layer_probe.json", json.dumps(result, indent=2))
     plot_layer_probe(result, out / "layer_probe.png")
     w = " ".join(f"{n}={v:.2f}" for n, v in zip(names, result["layer_weights"]))
     print(f"layer probe ({enc.adapter.name}, {L} layers): trained {result['accuracy']:.3f} | random init "

@@ -13,6 +13,7 @@ bootstrap 95% interval over test items (``stats``)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
 from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
@@ -131,12 +133,12 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
         "encoder": str(getattr(enc, "source", encoder_path)),
         "modality": enc.adapter.name,
         "data": str(source.root),
-        "skipped_samples": {k: v for s in trained for k, v in s.skipped.items()},
+        "skipped_samples": dict(sum((Counter(s.skipped) for s in trained), Counter())),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "linear_probe.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "linear_probe.json", json.dumps(result, indent=2))
     plot_probe(result, out / "linear_probe.png")
     ci = result["accuracy_ci95"]
     print(f"linear probe ({enc.adapter.name}, layers {layers}, {result['solver']}): trained {result['accuracy']:.3f} "

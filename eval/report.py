@@ -179,7 +179,7 @@ def _detail(d: dict[str, Any]) -> str:
         b = d.get("best_single_layer")
         if isinstance(b, dict) and _is_number(b.get("accuracy")):
             parts.append(f"best single layer {b.get('layer')} {b['accuracy']:.3f}")
-    for key, short in (("layer", "layer"), ("pool", "pool"), ("k", "k"), ("temperature", "T"), ("mode", "mode")):
+    for key, short in (("layer", "layer"), ("pool", "pool"), ("k", "k"), ("T", "T"), ("mode", "mode")):
         if key in d and not isinstance(d[key], (dict, list)):
             parts.append(f"{short} {d[key]}")
     if _is_number(d.get("features_baseline_accuracy")):

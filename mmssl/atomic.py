@@ -27,3 +27,13 @@ def replace_dir(tmp: Path, dst: Path) -> None:
     os.replace(tmp, dst)
     if old.exists():
         shutil.rmtree(old)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: a reader sees the old file or the new
+    one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

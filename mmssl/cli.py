@@ -170,17 +170,35 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
-def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
-    import torch
-
-    from mmssl.config import cache_dir, compose, to_dict
-    from mmssl.data.loader import resolve_source
+def _encoder_dir(args: list[str]) -> Path:
+    """The export named by ``encoder=`` (a run directory or an export); ``modality=`` picks the tower
+    of a run with several."""
     from mmssl.export import resolve_encoder_dir
 
     given = [a.split("=", 1)[1] for a in args if a.startswith("encoder=")]
     if not given or not given[-1]:
         raise UsageError("needs encoder=PATH (a run directory or an exported encoder)")
-    enc_dir = resolve_encoder_dir(Path(given[-1]))
+    mods = [a.split("=", 1)[1] for a in args if a.startswith("modality=")]
+    return resolve_encoder_dir(Path(given[-1]), mods[-1] if mods else None)
+
+
+def _default_out(enc_dir: Path) -> Path:
+    """RUN/eval for a run's export (RUN/eval/<m> when the run has several towers), else EXPORT/eval:
+    never inside RUN/encoders/, which the next export replaces."""
+    if enc_dir.parent.name == "encoders":
+        towers = [p for p in enc_dir.parent.iterdir() if (p / "config.json").exists() and not p.name.startswith(".")]
+        run = enc_dir.parent.parent
+        return run / "eval" if len(towers) <= 1 else run / "eval" / enc_dir.name
+    return enc_dir / "eval"
+
+
+def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
+    import torch
+
+    from mmssl.config import cache_dir, compose, to_dict
+    from mmssl.data.loader import resolve_source
+
+    enc_dir = _encoder_dir(args)
     modality = json.loads((enc_dir / "config.json").read_text())["modality"]
     # the encoder names its modality: compose with it, so that modality.<m>.* keys exist
     cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality={modality}"])
@@ -218,7 +236,10 @@ def check_preprocessing(args: list[str], saved: dict[str, Any], where: Path) -> 
                              f"remove it (evaluate another encoder to change it)")
         else:
             continue
-        given = yaml.safe_load(raw)
+        try:
+            given = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UsageError(f"{key}={raw}: not a value") from None
         if given != have:
             raise UsageError(f"{key}={raw} differs from the preprocessing the encoder was trained with "
                              f"({have!r}, {where}/config.json): evaluation uses the saved preprocessing")
@@ -235,16 +256,13 @@ def cmd_eval(args: list[str]) -> int:
     rest = list(args[1:])
     if not any(a.startswith("eval=") for a in rest):
         rest.insert(0, f"eval={cfg_name}")
-    from mmssl.export import resolve_encoder_dir
 
-    given = [a.split("=", 1)[1] for a in rest if a.startswith("encoder=")]
-    if given:  # checked before composing: the keys may not even exist in the default modality's config
-        d = resolve_encoder_dir(Path(given[-1]))
-        check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
+    d = _encoder_dir(rest)  # checked before composing: the keys may not exist in the default modality's config
+    check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
     cfg, source, enc_dir, device = _eval_setup(rest)
-    out = Path(cfg.out) if cfg.out else Path(cfg.encoder) / "eval"
+    out = Path(cfg.out) if cfg.out else _default_out(enc_dir)
     run = getattr(importlib.import_module(module), fn)
-    run(cfg.encoder, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size), cache_dir(cfg))
+    run(enc_dir, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size), cache_dir(cfg))
     return 0
 
 

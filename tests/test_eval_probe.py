@@ -129,7 +129,7 @@ def test_sweep_learns_and_selects_on_validation() -> None:
 def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir: Path) -> None:
     from mmssl.config import compose, to_dict
     from mmssl.data.loader import resolve_source
-    from mmssl.eval.feature_cache import encoder_features
+    from mmssl.eval.feature_cache import encoder_features, weights_hash
     from mmssl.factory import build_encoder, encoder_config
 
     cfg = compose(["modality=image", "data=digits"])
@@ -157,6 +157,15 @@ def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir:
         enc.backbone.norm.weight.mul_(2.0)
     encoder_features(enc, src, "val", torch.device("cpu"), 64, **kw)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2  # other weights, another entry
+    torch.manual_seed(0)  # the same weights under another architecture (1 head instead of 2)
+    other = build_encoder(encoder_config("image", "micro", to_dict(cfg.modality.image),
+                                         {"depth": 2, "dim": 32, "heads": 1, "ffn_dim": 64}))
+    with torch.no_grad():
+        other.backbone.norm.weight.mul_(2.0)
+    assert weights_hash(other) == weights_hash(enc)
+    c = encoder_features(other, src, "val", torch.device("cpu"), 64, **kw)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert not torch.equal(c.feats["-1:mean"], encoder_features(enc, src, "val", torch.device("cpu"), 64, **kw).feats["-1:mean"])
     with pytest.raises(ValueError, match="layer must be"):
         encoder_features(enc, src, "val", torch.device("cpu"), 64, layers=(5,))
 
@@ -201,6 +210,17 @@ def test_linear_probe_fractions_seeds_and_schema(image_run: Path, tmp_path: Path
     assert r2["solver"] == "lbfgs" and "|C=" in r2["variant"][0] and "features_baseline_accuracy" not in r2
     # the L-BFGS and SGD protocols agree to a few points on the same cached features
     assert abs(r2["accuracy"] - r["label_fractions"][1]["accuracy"]) < 0.08
+
+
+def test_default_out_is_the_run_eval_folder(image_run: Path) -> None:
+    """encoder= an export inside a run writes into RUN/eval, not into RUN/encoders/<m>/ (replaced by
+    the next export); the step-0 baseline is found from there too."""
+    from mmssl.cli import main
+
+    assert main(["eval", "knn", f"encoder={image_run / 'encoders' / 'image'}", "data=digits"]) == 0
+    r = json.loads((image_run / "eval" / "knn.json").read_text())
+    assert r["random_init_source"] == "step0"
+    assert not (image_run / "encoders" / "image" / "eval").exists()
 
 
 def test_eval_refuses_a_changed_preprocessing(image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -113,10 +113,12 @@ class Trainer:
         if self.cfg.get("resume") and resume_from is None:
             self._say(f"[mmssl] no checkpoint in {self.ckpt_root}: starting from step 0")
         if resume_from is None:
+            # the evaluators' random-init baseline: the freshly built weights, saved before init= may
+            # load pretrained ones (a continued run's "random init" must not be its starting checkpoint)
+            if self.dist.is_main:
+                self._export("encoders_init", 0)
             if self.cfg.get("init"):
                 self._load_init(str(self.cfg["init"]))
-            if self.dist.is_main:
-                self._export("encoders_init", 0)  # the probe's step-0 baseline
         if self.dist.is_main:
             ckpt.remove_stale_tmp(self.ckpt_root)
         barrier(self.dist)
