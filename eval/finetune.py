@@ -53,6 +53,7 @@ from mmssl.data.loader import DataSource, iter_split
 from mmssl.data.shards import read_samples, split_paths
 from mmssl.encoder import Encoder
 from mmssl.eval.features import init_encoder, input_size
+from mmssl.eval.results import header
 from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
 from mmssl.lora import apply_lora, count_trainable, mark_only_lora_trainable
@@ -509,11 +510,7 @@ def run_finetune(encoder_path: str | Path, out: str | Path, source: DataSource, 
     keys = ("accuracy", "accuracy_std", "accuracy_ci95", "accuracy_per_seed")
     per_epoch = top["train_seconds_per_epoch"]
     result: dict[str, Any] = {
-        "evaluator": "finetune",
-        "modality": enc.adapter.name,
-        "encoder": str(getattr(enc, "source", encoder_path)),
-        "data": str(source.root),
-        "random_init_source": init_source,
+        **header("finetune", enc, encoder_path, source, init_source),
         **{k: top[k] for k in keys},
         **{f"random_init_{k}": top[f"random_init_{k}"] for k in keys},
         "label_fractions": rows,

@@ -21,7 +21,6 @@ Evaluator-specific keys: ``k`` (the k asked: a number or the list tried), ``T``,
 list: k -> validation accuracy, averaged over seeds)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -32,10 +31,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.eval.feature_cache import cache_root_for, encoder_features, feature_key
 from mmssl.eval.features import init_encoder, input_size
+from mmssl.eval.results import header, write_result
 from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
 
@@ -192,9 +191,7 @@ def run_knn(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg:
 
     top = rows[-1]
     result: dict[str, Any] = {
-        "evaluator": "knn", "modality": enc.adapter.name,
-        "encoder": str(getattr(enc, "source", encoder_path)), "data": str(source.root),
-        "random_init_source": init_source,
+        **header("knn", enc, encoder_path, source, init_source),
         **{k: v for k, v in top.items() if k.startswith(("accuracy", "random_init_accuracy",
                                                           "features_baseline_accuracy"))},
         "label_fractions": rows, "seeds": len(seeds),
@@ -205,15 +202,12 @@ def run_knn(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg:
         "features_baseline": _baseline_name(enc),
     }
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "knn.json", json.dumps(result, indent=2))
-    plot_knn(result, out / "knn.png")
+    path = write_result(out, "knn", result, plot_knn)
     ci = result["accuracy_ci95"]
     print(f"k-NN ({enc.adapter.name}, k={top['chosen_k'][0]}, T={T}, {key}): trained {result['accuracy']:.3f} "
           f"[{ci[0]:.3f}, {ci[1]:.3f}] | random init {result['random_init_accuracy']:.3f} | classical features "
           f"{result['features_baseline_accuracy']:.3f} | {result['n_test']} test items, {C} classes "
-          f"-> {out / 'knn.json'}", file=sys.stdout, flush=True)
+          f"-> {path}", file=sys.stdout, flush=True)
     return result
 
 

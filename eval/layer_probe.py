@@ -60,6 +60,7 @@ from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
 from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
 from mmssl.eval.features import init_encoder, input_size
+from mmssl.eval.results import header
 from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
 
@@ -335,11 +336,7 @@ def run_layer_probe(encoder_path: str | Path, out: str | Path, source: DataSourc
         return {"lr": [f.lr for f in fs], "epoch": [f.epoch for f in fs], "val_accuracy": [f.val_accuracy for f in fs]}
 
     result: dict[str, Any] = {
-        "evaluator": "layer_probe",
-        "modality": enc.adapter.name,
-        "encoder": str(getattr(enc, "source", encoder_path)),
-        "data": str(source.root),
-        "random_init_source": init_source,
+        **header("layer_probe", enc, encoder_path, source, init_source),
         **{k: v for k, v in top.items() if k.startswith(("accuracy", "random_init_accuracy"))},
         "label_fractions": rows,
         "seeds": len(seeds),

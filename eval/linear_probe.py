@@ -12,22 +12,21 @@ The variant is chosen on ``split_val`` only. Reported: mean, standard deviation 
 bootstrap 95% interval over test items (``stats``)."""
 from __future__ import annotations
 
-import json
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
 from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
 from mmssl.eval.features import init_encoder, input_size
 from mmssl.eval.probe_fit import linear_probe
 from mmssl.eval.probe_sweep import grid, train_sweep
+from mmssl.eval.results import header, write_result
 from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
 
@@ -118,7 +117,7 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
     top = max(per_fraction, key=lambda e: e["label_fraction"])
     head = {k: v for k, v in top.items() if k not in ("label_fraction", "n_train")}
     result = {
-        "evaluator": "linear_probe",
+        **header("linear_probe", enc, encoder_path, source, init_source),
         **head,
         "label_fractions": per_fraction,
         "seeds": len(seeds),
@@ -127,24 +126,17 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
         "layer": layers[0] if len(layers) == 1 else layers, "layers": layers, "pools": pools,
         "pool": enc.pool,
         "solver": ecfg.get("solver", "sgd"),
-        "random_init_source": init_source,
         "features_baseline": type(enc.adapter).baseline_features.__doc__.strip().splitlines()[0]
         if type(enc.adapter).baseline_features.__doc__ else "baseline_features",
-        "encoder": str(getattr(enc, "source", encoder_path)),
-        "modality": enc.adapter.name,
-        "data": str(source.root),
         "skipped_samples": dict(sum((Counter(s.skipped) for s in trained), Counter())),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "linear_probe.json", json.dumps(result, indent=2))
-    plot_probe(result, out / "linear_probe.png")
+    path = write_result(out, "linear_probe", result, plot_probe)
     ci = result["accuracy_ci95"]
     print(f"linear probe ({enc.adapter.name}, layers {layers}, {result['solver']}): trained {result['accuracy']:.3f} "
           f"[{ci[0]:.3f}, {ci[1]:.3f}] | random init {result['random_init_accuracy']:.3f} | classical features "
           f"{result.get('features_baseline_accuracy', float('nan')):.3f} | {result['n_test']} test items, "
-          f"{num_classes} classes -> {out / 'linear_probe.json'}", file=sys.stdout, flush=True)
+          f"{num_classes} classes -> {path}", file=sys.stdout, flush=True)
     return result
 
 
