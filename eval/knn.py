@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from mmssl.data.loader import DataSource
 from mmssl.eval.feature_cache import cache_root_for, encoder_features, feature_key
 from mmssl.eval.features import init_encoder, input_size
+from mmssl.eval.probe_fit import standardise
 from mmssl.eval.results import header, write_result
 from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
 from mmssl.export import load_encoder
@@ -90,9 +91,10 @@ def preprocess(bank: torch.Tensor, *others: torch.Tensor, how: str = "none") -> 
         raise ValueError(f"eval.preprocess must be one of {', '.join(PREPROCESS)}, not {how!r}")
     if how == "none":
         return [bank, *others]
+    if how == "zscore":
+        return standardise(bank, *others)  # the linear probe's z-score, with the bank's statistics
     mean = bank.mean(0)
-    std = bank.std(0).clamp_min(1e-6) if how == "zscore" else torch.ones_like(mean)
-    return [(x - mean) / std for x in (bank, *others)]
+    return [x - mean for x in (bank, *others)]
 
 
 def _score(feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], bank_idx: torch.Tensor,

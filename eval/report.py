@@ -251,6 +251,18 @@ def _ci_err(rows: list[dict[str, Any]], prefix: str) -> list[list[float]] | None
             [max(c[1] - row[k], 0.0) for row, c in zip(rows, cis)]]
 
 
+def _finish(fig: Any, ax: Any, title: str, path: Path, legend_size: int = 7) -> None:
+    """The accuracy axis, title and legend every report plot shares; save and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_layers(results: list[Result], path: Path) -> bool:
     lp = [(r, acc) for r in results if r.data["evaluator"] == "layer_probe"
           and (acc := _numbers(r.data.get("per_layer_accuracy"))) is not None]
@@ -273,12 +285,7 @@ def plot_layers(results: list[Result], path: Path) -> bool:
         ax.set_xticks(range(longest))
         ax.set_xlabel("layer (block index; the last point of a run may be its final output)")
     ax.set_ylabel("test accuracy, single layer")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("probe accuracy per layer")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "probe accuracy per layer", path, legend_size=7)
     return True
 
 
@@ -299,12 +306,7 @@ def plot_fractions(results: list[Result], path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("label fraction")
     ax.set_ylabel("test accuracy (95% CI)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("accuracy per label fraction")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "accuracy per label fraction", path, legend_size=7)
     return True
 
 
@@ -323,12 +325,7 @@ def plot_pretrained_vs_random(results: list[Result], path: Path) -> bool:
            capsize=3, color="tab:gray", label="random init")
     ax.set_xticks(x, [_label(r).replace(" ", "\n", 1) for r in results], fontsize=7)
     ax.set_ylabel("test accuracy (95% CI)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("pretrained vs random init")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "pretrained vs random init", path, legend_size=8)
     return True
 
 
