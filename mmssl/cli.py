@@ -1,8 +1,10 @@
 """The ``mmssl`` command line.
 
   mmssl pretrain [-m] modality=speech objective=hubert [key=value ...]
-  mmssl eval linear-probe|knn|finetune|layer-probe encoder=PATH [out=DIR] [data=...] [eval.seeds=N]
+  mmssl pretrain modality=[image,text] objective=clip|cloob   (modality=[speech,text] objective=clap)
+  mmssl eval linear-probe|knn|finetune|layer-probe encoder=PATH [modality=M] [out=DIR] [data=...] [eval.seeds=N]
                           [eval.label_fraction=[0.01,0.1,1.0]] [eval.KEY=...]
+  mmssl eval retrieval|zero-shot encoder=RUN [out=DIR] [data=...] [eval.split=test]
   mmssl report RUN_DIR [RUN_DIR ...] [out=DIR]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
   mmssl data pack modality=speech|image|text src=DIR|FILE.jsonl out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
@@ -132,11 +134,12 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
         cfg.run_dir = str(run_dir)
         cache = cache_dir(cfg)
         torch.manual_seed(int(cfg.trainer.seed))
-        first = cfg.modality[mods[0]]
-        source = resolve_source(to_dict(cfg.data), mods, first.get("preset"), cache)
+        source = resolve_source(to_dict(cfg.data), mods, cfg.modality[mods[0]].get("preset"), cache)
         model_over = to_dict(cfg.model)
         mod_cfgs = {m: to_dict(cfg.modality[m]) for m in mods}
-        encoders = {m: build_encoder(encoder_config(m, cfg.model.name, mod_cfgs[m], model_over, cfg.objective.name))
+        # each tower its own size (modality.<m>.size), else model=
+        encoders = {m: build_encoder(encoder_config(m, mod_cfgs[m].get("size") or cfg.model.name, mod_cfgs[m],
+                                                    model_over, cfg.objective.name))
                     for m in mods}
         objective = build_objective(cfg.objective.name, to_dict(cfg.objective), encoders, mod_cfgs)
         if info.is_main:
@@ -146,10 +149,9 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
             n = sum(p.numel() for p in objective.parameters())
             print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={cfg.model.name} "
                   f"({n / 1e6:.2f}M parameters), data={source.root}, run_dir={run_dir}", file=sys.stderr)
-        # the modality config's crop size, else the input size the encoder declares (an image side)
-        max_len = first.get("max_len")
-        if max_len is None:
-            max_len = encoders[mods[0]].config["preprocessing"].get("max_len")
+        # per tower: the modality config's crop size, else the input size its encoder declares (an image side)
+        max_len = {m: mod_cfgs[m].get("max_len") if mod_cfgs[m].get("max_len") is not None
+                   else encoders[m].config["preprocessing"].get("max_len") for m in mods}
         result = Trainer(to_dict(cfg), objective, source, run_dir, info, cache, max_len).fit()
         if info.is_main:
             print(f"[mmssl] done: {result['step']} steps, {result['skipped_steps']} skipped steps, "
@@ -213,7 +215,36 @@ EVALUATORS = {  # command -> (config in configs/eval/, module, function)
     "knn": ("knn", "mmssl.eval.knn", "run_knn"),
     "finetune": ("finetune", "mmssl.eval.finetune", "run_finetune"),
     "layer-probe": ("layer_probe", "mmssl.eval.layer_probe", "run_layer_probe"),
+    "retrieval": ("retrieval", "mmssl.eval.retrieval", "run_retrieval"),
+    "zero-shot": ("zero_shot", "mmssl.eval.zero_shot", "run_zero_shot"),
 }
+#: evaluators of a pair of towers in a shared space (a contrastive run), not of one encoder
+PAIR_EVALUATORS = ("retrieval", "zero-shot")
+
+
+def _pair_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
+    """A contrastive run (``encoder=RUN``): its two modalities, in their order, and paired data."""
+    import torch
+
+    from mmssl.config import cache_dir, compose, to_dict
+    from mmssl.data.loader import resolve_source
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("encoder=")]
+    if not given or not given[-1]:
+        raise UsageError("needs encoder=RUN (the run directory of a clip, clap or cloob run)")
+    run = Path(given[-1])
+    head = run / "heads" / "contrastive.json"
+    if not head.exists():
+        raise UsageError(f"{run} is not the run directory of a contrastive run (no heads/contrastive.json)")
+    mods = json.loads(head.read_text())["modalities"]
+    for a in args:
+        if a.startswith(("model.", "modality.")) and not a.startswith(tuple(f"modality.{m}.preset" for m in mods)):
+            raise UsageError(f"{a.split('=')[0]} describes the encoders, which evaluation reads from {run}; remove it")
+    cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality=[{','.join(mods)}]"])
+    _set_threads(cfg.trainer.threads)
+    source = resolve_source(to_dict(cfg.data), mods, None, cache_dir(cfg))
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    return cfg, source, run, device
 
 
 def check_preprocessing(args: list[str], saved: dict[str, Any], where: Path) -> None:
@@ -257,10 +288,14 @@ def cmd_eval(args: list[str]) -> int:
     if not any(a.startswith("eval=") for a in rest):
         rest.insert(0, f"eval={cfg_name}")
 
-    d = _encoder_dir(rest)  # checked before composing: the keys may not exist in the default modality's config
-    check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
-    cfg, source, enc_dir, device = _eval_setup(rest)
-    out = Path(cfg.out) if cfg.out else _default_out(enc_dir)
+    if args[0] in PAIR_EVALUATORS:
+        cfg, source, enc_dir, device = _pair_setup(rest)
+        out = Path(cfg.out) if cfg.out else enc_dir / "eval"
+    else:
+        d = _encoder_dir(rest)  # checked before composing: the keys may not exist in the default modality's config
+        check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
+        cfg, source, enc_dir, device = _eval_setup(rest)
+        out = Path(cfg.out) if cfg.out else _default_out(enc_dir)
     run = getattr(importlib.import_module(module), fn)
     run(enc_dir, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size), cache_dir(cfg))
     return 0

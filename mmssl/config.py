@@ -13,6 +13,10 @@ from mmssl.registry import MODALITIES, OBJECTIVES
 
 GROUPS = ("modality", "objective", "data", "trainer", "model", "eval")
 
+# ${mmssl.first_set:a,b}: the first argument that is not null (a tower's own size, else model.name)
+if not OmegaConf.has_resolver("mmssl.first_set"):
+    OmegaConf.register_new_resolver("mmssl.first_set", lambda *xs: next((x for x in xs if x is not None), None))
+
 
 class ConfigError(ValueError):
     """A user error in the command line: printed as one line, exit code 2."""

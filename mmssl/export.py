@@ -39,12 +39,15 @@ def save_encoder(encoder: Encoder, out_dir: Path, extra: dict[str, Any] | None =
 
 
 def save_heads(heads: dict[str, nn.Module], out_dir: Path) -> None:
-    """Write the objective's heads into a fresh folder, swapped in whole."""
+    """Write the objective's heads into a fresh folder, swapped in whole: ``<name>.safetensors`` and, for a
+    head with a ``config`` dict (what rebuilds it), ``<name>.json``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tmp_dir(out_dir)
     try:
         for name, h in heads.items():
             save_file(_state(h), str(tmp / f"{name}.safetensors"))
+            if isinstance(getattr(h, "config", None), dict):
+                (tmp / f"{name}.json").write_text(json.dumps(h.config, indent=2, default=str))
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():

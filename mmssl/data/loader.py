@@ -22,6 +22,10 @@ from mmssl.registry import MODALITIES, PRESETS
 from mmssl.types import Batch
 
 
+#: an input size (image side, text context, audio samples) for every modality, or one per modality
+MaxLen = int | None | dict[str, int | None]
+
+
 def _seed(*parts: Any) -> int:
     return int(hashlib.sha1("-".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
@@ -64,15 +68,28 @@ class DataSource:
     def length(self, item: dict[str, Any]) -> int:
         return max(c.length(item) for c in self.codecs.values())
 
-    def collate(self, items: list[dict[str, Any]], max_len: int | None, g: torch.Generator | None,
+    def collate(self, items: list[dict[str, Any]], max_len: MaxLen, g: torch.Generator | None,
                 keep_frame_labels: bool = True) -> Batch:
+        """``max_len``: one input size for every codec, or one per modality (a pair's towers differ:
+        an image side beside a text context)."""
         batch: Batch = {}
-        for codec in self.codecs.values():
-            batch.update(codec.collate(items, max_len, g, keep_frame_labels))
+        for m, codec in self.codecs.items():
+            size = max_len.get(m) if isinstance(max_len, dict) else max_len
+            batch.update(codec.collate(items, size, g, keep_frame_labels))
         batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
         if all("label" in it for it in items):
             batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
         return batch
+
+
+def paired_preset(modalities: list[str]) -> str:
+    """The registered embedded preset whose ``modalities`` are exactly these (e.g. image + text)."""
+    want = set(modalities)
+    names = [n for n in PRESETS.names() if set(getattr(PRESETS.get(n), "modalities", ())) == want]
+    if not names:
+        raise ValueError(f"no embedded data set pairs {' and '.join(modalities)}; pack pairs with "
+                         f"`mmssl data pack modality=[{','.join(modalities)}] src=...` and pass data=shards data.path=DIR")
+    return names[0]
 
 
 def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str | None,
@@ -80,7 +97,9 @@ def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str 
     """``data.name=default`` -> the modality's embedded preset (generated on first use);
     ``data.name=shards data.path=DIR`` -> packed shards."""
     name = data_cfg.get("name", "default")
-    if name == "default":
+    if name == "default" and len(modalities) > 1:
+        root = PRESETS.get(paired_preset(modalities))().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
+    elif name == "default":
         if not preset:
             raise ValueError(f"modality {modalities} has no embedded data preset; use data=shards data.path=DIR")
         root = PRESETS.get(preset)().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
@@ -93,6 +112,9 @@ def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str 
     else:
         root = PRESETS.get(name)().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
     meta = load_meta(root)
+    held = meta.get("modalities") or ([meta["modality"]] if meta.get("modality") else list(modalities))
+    if len(modalities) > 1 and set(modalities) - set(held):
+        raise ValueError(f"data set {root} holds {'+'.join(held)} data, not {'+'.join(modalities)} pairs")
     if meta.get("modality") and meta["modality"] not in modalities and set(meta.get("modalities", [meta["modality"]])) \
             .isdisjoint(modalities):
         raise ValueError(f"data set {root} holds {meta['modality']!r} data, not {', '.join(modalities)}")
@@ -103,7 +125,7 @@ class TrainStream(IterableDataset):
     """Infinite batches of the train split (see module docstring). Batches carry ``_role``,
     ``_round``, ``_next`` (the role's position after this batch) and ``_bad`` (samples skipped)."""
 
-    def __init__(self, source: DataSource, batch_size: int, max_len: int | None, seed: int, rank: int,
+    def __init__(self, source: DataSource, batch_size: int, max_len: MaxLen, seed: int, rank: int,
                  num_roles: int, role_shift: int = 0, start: dict[int, tuple[int, int]] | None = None,
                  on_error: str = "skip") -> None:
         self.source, self.batch_size, self.max_len = source, batch_size, max_len
@@ -150,7 +172,7 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
 
 
 def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counter | None = None,
-               on_error: str = "skip", buffer: int = 512, max_len: int | None = None) -> Iterator[Batch]:
+               on_error: str = "skip", buffer: int = 512, max_len: MaxLen = None) -> Iterator[Batch]:
     """Every usable sample of a split once, in a fixed order, in batches of similar length. Skipped
     samples are counted in ``bad``. Whole items unless ``max_len`` is given (the encoder's input size,
     e.g. an image side): then the codec cuts deterministically (no generator)."""

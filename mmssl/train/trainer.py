@@ -88,8 +88,8 @@ class Trainer:
         for m, tower in self.objective.encoders.items():
             save_encoder(tower, self.run_dir / which / m,
                          extra={"objective": self.objective.name, "step": step})
-        if which == "encoders":
-            save_heads(self.objective.heads(), self.run_dir / "heads")
+        # the heads beside them: heads/ with encoders/, heads_init/ (step 0) with encoders_init/
+        save_heads(self.objective.heads(), self.run_dir / which.replace("encoders", "heads"))
 
     def _save(self, step: int, consumed: int, roles: dict[int, list[int]], counters: dict[str, int],
               names: list[str]) -> None:

@@ -1,0 +1,213 @@
+"""Contrastive objectives between two modalities: ``clip``, ``clap`` and ``cloob``.
+
+Each modality is its own Encoder (any adapter, its own size), pooled (``Encoder.embed``), projected by
+its own head to a shared ``embed_dim`` space and L2-normalised. Pair i of the batch is the positive.
+
+- ``clip``: symmetric InfoNCE with a learnable logit scale stored as a log, initialised to
+  log(1 / 0.07) and clamped at log 100 (open_clip's ``ClipLoss``; ``contrastive_loss.clip_loss``).
+- ``clap``: the same loss with one audio tower (speech) and one text tower (LAION-CLAP's recipe).
+- ``cloob``: modern-Hopfield retrieval within the batch and InfoLOOB (ml-jku/cloob), inverse
+  temperature 30 and beta 8, fixed by default (``learn_inv_tau`` / ``learn_beta`` make them learnable).
+
+Under DDP the normalised embeddings are gathered across ranks with gradients and every rank computes
+the loss of the global batch (``mmssl.train.gather``), so gradients equal single-process ones. Only in
+training: evaluation scores each rank's own batch.
+
+Heads (``heads/contrastive.safetensors`` + ``.json``): both projections and the temperatures;
+``load_pair(run_dir)`` rebuilds the pair in the shared space for retrieval and zero-shot evaluation."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from mmssl.encoder import Encoder
+from mmssl.objectives.base import Objective
+from mmssl.objectives.contrastive_loss import MAX_LOG_SCALE, clamp_log_scale_, clip_loss, cloob_loss
+from mmssl.registry import OBJECTIVES
+from mmssl.train.gather import gather_with_grad, rank_world
+from mmssl.types import Batch, ObjectiveOutput
+
+AUDIO_MODALITIES = ("speech",)
+
+
+class Projection(nn.Module):
+    """[B, D] pooled encoder features -> [B, E]. ``hidden=0``: CLIP's bias-free linear map; else a
+    two-layer MLP (Linear, GELU, Linear), as LAION-CLAP's audio and text projections."""
+
+    def __init__(self, dim: int, embed_dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        if hidden:
+            self.net: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        else:
+            self.net = nn.Linear(dim, embed_dim, bias=False)
+            nn.init.normal_(self.net.weight, std=dim ** -0.5)  # CLIP's projection init (width^-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ContrastiveHead(nn.Module):
+    """Everything of a contrastive objective beyond its encoders: one projection per modality and the
+    temperatures, stored as logs (``log_scale`` for CLIP; ``log_inv_tau``, ``log_beta`` for CLOOB).
+    ``config`` is written beside the weights so ``load_pair`` can rebuild it."""
+
+    def __init__(self, dims: dict[str, int], cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.modalities = list(dims)
+        self.config = {"loss": cfg["loss"], "modalities": self.modalities, "dims": dict(dims),
+                       "embed_dim": int(cfg["embed_dim"]), "proj_hidden": int(cfg.get("proj_hidden") or 0),
+                       "max_logit_scale": float(cfg.get("max_logit_scale") or 100.0)}
+        self.proj = nn.ModuleDict({m: Projection(d, self.config["embed_dim"], self.config["proj_hidden"])
+                                   for m, d in dims.items()})
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / float(cfg.get("init_temperature") or 0.07))),
+                                      requires_grad=bool(cfg.get("learn_scale", True)))
+        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(float(cfg.get("inv_tau") or 30.0))),
+                                        requires_grad=bool(cfg.get("learn_inv_tau", False)))
+        self.log_beta = nn.Parameter(torch.tensor(math.log(float(cfg.get("beta") or 8.0))),
+                                     requires_grad=bool(cfg.get("learn_beta", False)))
+
+    @property
+    def max_log_scale(self) -> float:
+        return math.log(self.config["max_logit_scale"])
+
+    def project(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, E] L2-normalised (in float32: the loss compares them in float32 anyway)."""
+        return F.normalize(self.proj[modality](pooled).float(), dim=-1)
+
+    def loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a, b: [B, E] normalised embeddings of the whole (global) batch -> scalar."""
+        if self.config["loss"] == "cloob":
+            return cloob_loss(a, b, inv_tau=self.log_inv_tau.clamp(max=MAX_LOG_SCALE).exp(),
+                              beta=self.log_beta.exp())
+        return clip_loss(a, b, self.log_scale, self.max_log_scale)
+
+    def clamp_(self) -> None:
+        """open_clip / ml-jku/cloob clamp the stored logs in place after each optimizer step."""
+        clamp_log_scale_(self.log_scale, self.max_log_scale)
+        clamp_log_scale_(self.log_inv_tau, MAX_LOG_SCALE)
+
+
+class Contrastive(Objective):
+    """Two towers, their projections and a contrastive loss (module docstring)."""
+
+    num_modalities = 2
+    loss_name = "clip"
+
+    def __init__(self, encoders: dict[str, Encoder], cfg: dict[str, Any]) -> None:
+        super().__init__()
+        for m, enc in encoders.items():
+            self.towers[m] = enc
+        self.cfg = dict(cfg)
+        self.pair = list(encoders)
+        self.gather = bool(cfg.get("gather", True))
+        head_cfg = dict(cfg, loss=self.loss_name, embed_dim=int(cfg.get("embed_dim") or 256))
+        self.head = ContrastiveHead({m: int(e.dim) for m, e in encoders.items()}, head_cfg)
+
+    @classmethod
+    def build(cls, cfg: dict[str, Any], encoders: dict[str, Encoder]) -> Contrastive:
+        return cls(encoders, cfg)
+
+    def heads(self) -> dict[str, nn.Module]:
+        return {"contrastive": self.head}
+
+    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
+        """Batch -> [B, E] normalised embeddings of one tower in the shared space."""
+        return self.head.project(modality, self.towers[modality].embed(batch))
+
+    def forward(self, batch: Batch) -> ObjectiveOutput:
+        a, b = (self.embed(m, batch) for m in self.pair)
+        with torch.no_grad():  # in-batch top-1 accuracy, both directions, on this rank's items
+            sim = a @ b.T
+            target = torch.arange(sim.shape[0], device=sim.device)
+            acc = ((sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean()) / 2
+        if self.training and self.gather and rank_world()[1] > 1:
+            a, b = gather_with_grad(a), gather_with_grad(b)
+        loss = self.head.loss(a, b)
+        metrics: dict[str, Any] = {"batch_acc": acc, "pairs": float(a.shape[0])}
+        if self.loss_name == "cloob":
+            metrics["inv_tau"] = self.head.log_inv_tau.detach().exp()
+        else:
+            metrics["logit_scale"] = self.head.log_scale.detach().clamp(max=self.head.max_log_scale).exp()
+        return ObjectiveOutput(loss, metrics)
+
+    def after_step(self, step: int) -> None:
+        self.head.clamp_()
+
+
+@OBJECTIVES.register("clip")
+class CLIP(Contrastive):
+    name = "clip"
+    loss_name = "clip"
+
+
+@OBJECTIVES.register("clap")
+class CLAP(Contrastive):
+    """CLIP's loss between an audio tower and a text tower."""
+
+    name = "clap"
+    loss_name = "clip"
+
+    @classmethod
+    def supports(cls, modalities: list[str]) -> str | None:
+        why = super().supports(modalities)
+        if why:
+            return why
+        if "text" not in modalities or not set(modalities) & set(AUDIO_MODALITIES):
+            return f"objective 'clap' pairs audio ({', '.join(AUDIO_MODALITIES)}) with text, not {modalities}"
+        return None
+
+
+@OBJECTIVES.register("cloob")
+class CLOOB(Contrastive):
+    name = "cloob"
+    loss_name = "cloob"
+
+
+class PairModel(nn.Module):
+    """Two exported towers and their contrastive head: embeddings in the shared space (evaluation)."""
+
+    def __init__(self, encoders: dict[str, Encoder], head: ContrastiveHead) -> None:
+        super().__init__()
+        self.modalities = list(head.modalities)
+        self.encoders = nn.ModuleDict(encoders)
+        self.head = head
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.head.log_scale.clamp(max=self.head.max_log_scale).exp())
+
+    def input_size(self, modality: str) -> int | None:
+        v = (getattr(self.encoders[modality], "config", None) or {}).get("preprocessing", {}).get("max_len")
+        return None if v is None else int(v)
+
+    @torch.no_grad()
+    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
+        """Batch -> [B, E] L2-normalised embeddings of tower ``modality``."""
+        return self.head.project(modality, self.encoders[modality].embed(batch))
+
+
+def load_pair(path: str | Path, which: str = "encoders", device: str | torch.device = "cpu") -> PairModel:
+    """The pair of a contrastive run directory: ``which="encoders"`` (trained) or ``"encoders_init"`` (its
+    step-0 weights with the step-0 head, the random-init baseline)."""
+    from mmssl.export import load_encoder
+
+    root = Path(path)
+    heads = root / ("heads" if which == "encoders" else "heads_init")
+    cfg_path = heads / "contrastive.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{root} has no {heads.name}/contrastive.json: not a run of a contrastive objective "
+                                f"(clip, clap, cloob)")
+    cfg = json.loads(cfg_path.read_text())
+    head = ContrastiveHead(cfg["dims"], cfg)
+    missing, unexpected = head.load_state_dict(load_file(str(heads / "contrastive.safetensors")), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{heads}: weights do not fit the head (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    encoders = {m: load_encoder(root, modality=m, which=which) for m in cfg["modalities"]}
+    return PairModel(encoders, head).to(device).eval()
