@@ -8,6 +8,7 @@
   mmssl report RUN_DIR [RUN_DIR ...] [out=DIR]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
   mmssl data pack modality=speech|image|text src=DIR|FILE.jsonl out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
+  mmssl data pack modality=[image,text] src=DIR|FILE.csv|FILE.jsonl out=DIR [file_column= caption_column=]
   mmssl convert hubert|timm SRC OUT [size= mean= std=]
   mmssl list
 
@@ -342,15 +343,26 @@ def cmd_extract(args: list[str]) -> int:
 # -- data, convert, list ------------------------------------------------------------------------------
 def cmd_data(args: list[str]) -> int:
     if not args or args[0] != "pack":
-        raise UsageError("usage: mmssl data pack modality=M src=DIR|FILE out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]")
+        raise UsageError("usage: mmssl data pack modality=M|[M,text] src=DIR|FILE out=DIR [shards=8] [val=0.1] "
+                         "[test=0.2] [seed=0]")
     from mmssl.data.pack import pack
 
-    kv = _kv(args[1:], {"modality", "src", "out", "shards", "val", "test", "seed"})
+    kv = _kv(args[1:], {"modality", "src", "out", "shards", "val", "test", "seed", "file_column", "caption_column"})
     for k in ("modality", "src", "out"):
         if k not in kv:
             raise UsageError(f"data pack needs {k}=...")
-    report = pack(kv["modality"], Path(kv["src"]), Path(kv["out"]), num_shards=int(kv.get("shards", 8)),
-                  val=float(kv.get("val", 0.1)), test=float(kv.get("test", 0.2)), seed=int(kv.get("seed", 0)))
+    opts = {"num_shards": int(kv.get("shards", 8)), "val": float(kv.get("val", 0.1)),
+            "test": float(kv.get("test", 0.2)), "seed": int(kv.get("seed", 0))}
+    if kv["modality"].startswith("["):  # pairs: a file modality with text captions
+        from mmssl.data.pack_pairs import pack_pairs
+
+        mods = [m.strip() for m in kv["modality"].strip("[]").split(",") if m.strip()]
+        report = pack_pairs(mods, Path(kv["src"]), Path(kv["out"]), file_column=kv.get("file_column"),
+                            caption_column=kv.get("caption_column"), **opts)
+    else:
+        if "file_column" in kv or "caption_column" in kv:
+            raise UsageError("file_column= and caption_column= are for pairs: modality=[image,text]")
+        report = pack(kv["modality"], Path(kv["src"]), Path(kv["out"]), **opts)
     counts = ", ".join(f"{s} {v['count']}" for s, v in report["splits"].items())
     bad = report["bad_samples"]
     print(f"packed {counts} ({len(report['classes'])} classes) into {kv['out']}; "

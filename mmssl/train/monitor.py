@@ -14,7 +14,9 @@ bank, the first ``knn_bank`` items of the train split, read once and kept in mem
   data has class labels.
 
 Under DDP every rank computes the same thing on the same items (collectives inside objectives stay
-matched); the trainer's logger writes on rank 0 only. Knows nothing of modalities."""
+matched; contrastive objectives gather across ranks in training only, so a validation batch is scored
+as one batch, never as world copies of itself); the trainer's logger writes on rank 0 only. Knows
+nothing of modalities."""
 from __future__ import annotations
 
 import time
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mmssl.data.loader import DataSource, iter_split
+from mmssl.data.loader import DataSource, MaxLen, iter_split
 from mmssl.eval.knn import knn_classify
 from mmssl.objectives.base import Objective
 from mmssl.types import Batch
@@ -59,7 +61,7 @@ class Monitor:
     """``due(step, max_steps)`` says when; ``evaluate(step)`` returns the ``event: eval`` record."""
 
     def __init__(self, objective: Objective, source: DataSource, t: dict[str, Any], device: torch.device,
-                 max_len: int | None, autocast_dtype: torch.dtype | None) -> None:
+                 max_len: MaxLen, autocast_dtype: torch.dtype | None) -> None:
         self.objective, self.source, self.device = objective, source, device
         self.max_len, self.autocast_dtype = max_len, autocast_dtype
         self.every = int(t.get("eval_every", 0) or 0)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmssl.data.loader import DataSource, TrainStream, iter_split, train_loader
+from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
 from mmssl.export import load_encoder, save_encoder, save_heads
 from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.train import checkpoint as ckpt
@@ -48,7 +48,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 class Trainer:
     def __init__(self, cfg: dict[str, Any], objective: Objective, source: DataSource, run_dir: Path,
-                 dist_info: DistInfo, cache_dir: Path, max_len: int | None = None) -> None:
+                 dist_info: DistInfo, cache_dir: Path, max_len: MaxLen = None) -> None:
         self.cfg = cfg
         self.t = cfg["trainer"]
         self.objective = objective

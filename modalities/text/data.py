@@ -60,7 +60,7 @@ def crop(ids: torch.Tensor, max_len: int, generator: torch.Generator | None) -> 
     return torch.cat([ids[:1], body[start:start + w], ids[-1:]])
 
 
-def _check_text(text: Any, name: str) -> str:
+def check_text(text: Any, name: str) -> str:
     if not isinstance(text, str):
         raise BadSample(f"missing_text: {name}: no string 'text' field")
     if not text.strip():
@@ -87,7 +87,7 @@ class TextCodec:
             raise BadSample(f"undecodable: {p.name}: not UTF-8 ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise BadSample(f"unreadable: {p.name}: {e.strerror}") from None
-        return {"text": _check_text(text, p.name)}
+        return {"text": check_text(text, p.name)}
 
     def read_items(self, path: str) -> Iterator[tuple[str, dict[str, Any] | BadSample, str | int | None]]:
         """Every item of a file as ``(part, item or the BadSample that rejects it, own label)``, the
@@ -129,7 +129,7 @@ class TextCodec:
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))
                                   or (isinstance(label, int) and label < 0) or label == ""):
             raise BadSample(f"bad_label: {name}: label must be a class name or an integer >= 0, not {label!r}")
-        return {"text": _check_text(obj.get("text"), name)}, label
+        return {"text": check_text(obj.get("text"), name)}, label
 
     def encode(self, item: dict[str, Any]) -> dict[str, Any]:
         return {"txt": item["text"].encode("utf-8")}
