@@ -181,7 +181,7 @@ class PairModel(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        return float(self.head.log_scale.clamp(max=self.head.max_log_scale).exp())
+        return float(self.head.log_scale.detach().clamp(max=self.head.max_log_scale).exp())
 
     def input_size(self, modality: str) -> int | None:
         v = (getattr(self.encoders[modality], "config", None) or {}).get("preprocessing", {}).get("max_len")

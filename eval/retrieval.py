@@ -1,0 +1,260 @@
+"""Cross-modal retrieval of a contrastive pair (CLIP's protocol): Recall@K in both directions.
+
+Each item of a split is a pair (a_i, b_i), embedded by the two towers into the shared space. In
+``i2t`` every a_i queries all b_j; in ``t2i`` every b_i queries all a_j (``a`` is the first modality of
+``modality=[a,b]``, which plays "image"). A query scores a hit at K when one of its K most
+cosine-similar gallery items has the query's *key*: items whose captions are identical token
+sequences share a key, so retrieving another image with the very same caption counts as correct
+(synthetic captions repeat; counting only the item's own partner would punish a perfect model).
+Without a text tower the key is ``sample_id``: exact-pair retrieval.
+
+Ties are handled pessimistically, so the metric is deterministic and a collapsed embedding cannot
+score by luck: a query's rank is 1 + the number of gallery items with a *different* key whose
+similarity is >= that of the best same-key item. Hence R@K = 0 for constant embeddings whenever more
+than K - 1 items carry other keys.
+
+``run_retrieval`` writes ``out/retrieval.json`` (the six recalls for the trained pair and its step-0
+twin ``encoders_init``, mean/median ranks, the recall a random ranking would get given the key
+multiplicities, bootstrap intervals of R@1) and ``out/retrieval.png``."""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmssl.data.loader import DataSource, iter_split
+from mmssl.eval.results import write_result
+from mmssl.eval.stats import bootstrap_ci
+
+# Queries per chunk are chosen so the [chunk, n] similarity matrix stays near this many elements
+# (64 MiB of float32): n = 10k galleries take ~1,700 queries at a time.
+_SIM_ELEMENTS = 1 << 24
+TEXT = "text"
+
+
+def caption_keys(ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Group ids of captions: ids int64 [n, L] (padded), lens [n] -> keys int64 [n] in [0, #distinct),
+    equal exactly where the first ``lens[i]`` ids are the same sequence (padding is ignored)."""
+    if ids.dim() != 2 or lens.shape != (ids.shape[0],):
+        raise ValueError(f"caption_keys needs ids [n, L] and lens [n], got {tuple(ids.shape)} and {tuple(lens.shape)}")
+    if ids.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    lens = lens.long()
+    valid = torch.arange(ids.shape[1]).unsqueeze(0) < lens.unsqueeze(1)
+    # -1 beyond the length (never a token id), and the length in front: "a" and "a <pad id 0>" differ
+    rows = torch.cat([lens.unsqueeze(1), torch.where(valid, ids.long(), torch.full_like(ids, -1, dtype=torch.long))], 1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def first_hit_ranks(query: torch.Tensor, gallery: torch.Tensor, qkeys: torch.Tensor, gkeys: torch.Tensor,
+                    chunk: int | None = None) -> torch.Tensor:
+    """query [m, E], gallery [n, E], qkeys [m], gkeys [n] -> rank [m] int64 (1 = best) of the first
+    gallery item sharing the query's key, by cosine similarity, ties counted against the query (see the
+    module doc). Every query must have at least one same-key gallery item. Chunks of ``chunk`` queries
+    run on the gallery's device."""
+    if not (torch.isfinite(query).all() and torch.isfinite(gallery).all()):
+        raise ValueError("retrieval embeddings hold NaN or inf: the encoder diverged")
+    dev = gallery.device
+    g = F.normalize(gallery.float(), dim=1)
+    gk = gkeys.to(dev).long()
+    m, n = query.shape[0], gallery.shape[0]
+    step = chunk or max(1, min(m, _SIM_ELEMENTS // max(n, 1)))
+    ranks = torch.empty(m, dtype=torch.long)
+    for i in range(0, m, step):
+        q = F.normalize(query[i:i + step].to(dev).float(), dim=1)
+        sim = q @ g.T  # [c, n]
+        same = qkeys[i:i + step].to(dev).long().unsqueeze(1) == gk.unsqueeze(0)  # [c, n]
+        if not same.any(1).all():
+            raise ValueError("a query has no gallery item with its key")
+        best = sim.masked_fill(~same, float("-inf")).amax(1, keepdim=True)  # [c, 1]
+        ranks[i:i + step] = (1 + ((sim >= best) & ~same).sum(1)).cpu()
+    return ranks
+
+
+def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """ranks [n] -> {K: fraction of queries with rank <= K}."""
+    return {int(k): float((ranks <= int(k)).float().mean()) for k in ks}
+
+
+def direction_ranks(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor,
+                    chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Paired embeddings a [n, E], b [n, E] (row i of each is one item), keys [n] ->
+    {"i2t": ranks [n] of a_i querying all b_j, "t2i": ranks [n] of b_i querying all a_j}."""
+    if a.shape[0] != b.shape[0] or keys.shape != (a.shape[0],):
+        raise ValueError(f"retrieval needs a [n, E], b [n, E], keys [n]; got {tuple(a.shape)}, {tuple(b.shape)}, "
+                         f"{tuple(keys.shape)}")
+    return {"i2t": first_hit_ranks(a, b, keys, keys, chunk), "t2i": first_hit_ranks(b, a, keys, keys, chunk)}
+
+
+def rank_metrics(ranks: dict[str, torch.Tensor], ks: Sequence[int], prefix: str = "") -> dict[str, float]:
+    """{direction: ranks [n]} -> {prefix+direction_R@K, ..._mean_rank, ..._median_rank} (the median of
+    an even count averages the middle two)."""
+    out: dict[str, float] = {}
+    for name, r in ranks.items():
+        out.update({f"{prefix}{name}_R@{k}": v for k, v in recall_at(r, ks).items()})
+        out[f"{prefix}{name}_mean_rank"] = float(r.double().mean())
+        out[f"{prefix}{name}_median_rank"] = float(r.double().quantile(0.5))
+    return out
+
+
+def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                      chunk: int | None = None) -> dict[str, float]:
+    """Paired embeddings a [n, E], b [n, E] and keys [n] -> ``{i2t_R@K, t2i_R@K for K in ks,
+    i2t_mean_rank, i2t_median_rank, t2i_mean_rank, t2i_median_rank}``. i2t: a_i queries all b_j;
+    t2i: b_i queries all a_j; a hit is a gallery item j with keys[j] == keys[i] (ties: module doc)."""
+    return rank_metrics(direction_ranks(a, b, keys, chunk), ks)
+
+
+def chance_recall(keys: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Expected R@K of a uniformly random ranking, given the key multiplicities: a query whose key
+    occurs m times among n gallery items misses the top K with probability C(n-m, K) / C(n, K).
+    keys [n] -> {K: mean over queries}."""
+    n = keys.shape[0]
+    counts = torch.unique(keys, return_counts=True, return_inverse=True)
+    m = counts[2][counts[1]].double()  # [n] multiplicity of each item's key
+    out = {}
+    for k in ks:
+        miss = torch.ones(n, dtype=torch.float64)
+        for t in range(min(int(k), n)):
+            miss = miss * ((n - m - t).clamp(min=0) / (n - t))
+        out[int(k)] = float((1 - miss).mean())
+    return out
+
+
+# -- the evaluator --------------------------------------------------------------------------------------
+def _load_pair(path: str | Path, which: str, device: torch.device) -> Any:
+    """The lead's loader, imported late (tests replace this function with a fake pair)."""
+    from mmssl.objectives.contrastive import load_pair
+
+    return load_pair(path, which=which, device=device)
+
+
+@torch.no_grad()
+def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_size: int, device: torch.device,
+                max_len: dict[str, int | None], bad: Counter) -> dict[str, Any]:
+    """One pass over a split, every pair embedding both of its modalities ->
+    ``{"emb": {pair name: {m: [n, E] float32 cpu}}, "sample_id": [n], "text": [n, L], "text_len": [n]}``
+    (text ids only where the batches hold text; padded to the longest caption)."""
+    emb: dict[str, dict[str, list[torch.Tensor]]] = {p: {} for p in pairs}
+    ids: list[torch.Tensor] = []
+    texts: list[torch.Tensor] = []
+    for batch in iter_split(source, split, batch_size, bad, max_len=max_len):
+        b = {k: v.to(device) for k, v in batch.items()}
+        for name, pair in pairs.items():
+            for m in pair.modalities:
+                emb[name].setdefault(m, []).append(pair.embed(m, b).float().cpu())
+        ids.append(batch["sample_id"])
+        if TEXT in batch:
+            texts += [row[:int(n)] for row, n in zip(batch[TEXT], batch[f"{TEXT}_len"])]
+    if not ids:
+        raise ValueError(f"split {split!r} of {source.root} has no usable samples")
+    out: dict[str, Any] = {"emb": {p: {m: torch.cat(v) for m, v in e.items()} for p, e in emb.items()},
+                           "sample_id": torch.cat(ids)}
+    if texts:
+        lens = torch.tensor([t.numel() for t in texts], dtype=torch.long)
+        padded = torch.zeros(len(texts), int(lens.max()), dtype=torch.long)
+        for i, t in enumerate(texts):
+            padded[i, :t.numel()] = t
+        out[TEXT], out[f"{TEXT}_len"] = padded, lens
+    return out
+
+
+def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: dict[str, Any],
+                  device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Retrieval between the two towers of the contrastive run ``path`` on split ``cfg["split"]``
+    (default test) of ``source`` (a DataSource holding both modalities) -> the result dict, also written
+    to ``out/retrieval.json`` and plotted in ``out/retrieval.png``. ``cfg``: split, ks (default
+    [1, 5, 10]), bootstrap (resamples for the R@1 intervals; 0: none). ``cache_dir`` is unused: the
+    embeddings are not cached (one pass over one split)."""
+    t0 = time.perf_counter()
+    pair = _load_pair(path, "encoders", device)
+    init = _load_pair(path, "encoders_init", device)
+    a, b = pair.modalities
+    missing = [m for m in (a, b) if m not in source.modalities]
+    if missing:
+        raise ValueError(f"retrieval of {a}+{b} needs a data set with both; {source.root} is read as "
+                         f"{'+'.join(source.modalities)}")
+    split = str(cfg.get("split") or "test")
+    ks = sorted({int(k) for k in (cfg.get("ks") or (1, 5, 10))})
+    if ks[0] < 1:
+        raise ValueError(f"eval.ks must be at least 1, got {ks}")
+    n_boot = int(cfg.get("bootstrap", 1000) or 0)
+
+    bad: Counter = Counter()
+    data = embed_split({"": pair, "random_init_": init}, source, split, batch_size, device,
+                       {m: pair.input_size(m) for m in pair.modalities}, bad)
+    if TEXT in (a, b):
+        keys, key_kind = caption_keys(data[TEXT], data[f"{TEXT}_len"]), "caption"
+    else:
+        keys, key_kind = data["sample_id"], "sample_id"
+
+    result: dict[str, Any] = {
+        "evaluator": "retrieval", "modality": f"{a}+{b}", "modalities": [a, b], "encoder": str(path),
+        "data": str(source.root), "random_init_source": "step0", "split": split, "ks": ks,
+        "key": key_kind,
+        "key_note": ("a hit is any gallery item whose caption (token ids as the text tower reads them) equals "
+                     "the query's" if key_kind == "caption" else
+                     "no text tower: a hit is the query's own partner (exact-pair retrieval)"),
+        "ties": "pessimistic: other-key items scoring >= the best same-key item rank before it",
+    }
+    for prefix, emb in data["emb"].items():
+        ranks = direction_ranks(emb[a].to(device), emb[b].to(device), keys)  # similarities on the device
+        result.update(rank_metrics(ranks, ks, prefix))
+        if n_boot and prefix == "":  # items resampled: the interval covers test-set sampling only
+            for name, r in ranks.items():
+                result[f"{name}_R@1_ci95"] = list(bootstrap_ci((r <= 1).float(), n_boot=n_boot))
+    for k, v in chance_recall(keys, ks).items():
+        result[f"chance_R@{k}"] = v
+    result.update({"n_items": int(keys.numel()), "n_captions": int(keys.unique().numel()),
+                   "skipped_samples": dict(bad), "logit_scale": _float_or_none(getattr(pair, "logit_scale", None)),
+                   "seconds": round(time.perf_counter() - t0, 2)})
+    where = write_result(out, "retrieval", result, plot_retrieval)
+    print(f"retrieval ({a}->{b} / {b}->{a}, {result['n_items']} items, {result['n_captions']} distinct "
+          f"{key_kind}s): i2t R@1 {result['i2t_R@1']:.3f} | t2i R@1 {result['t2i_R@1']:.3f} | random init "
+          f"{result['random_init_i2t_R@1']:.3f} / {result['random_init_t2i_R@1']:.3f} | chance "
+          f"{result['chance_R@1']:.3f} -> {where}", file=sys.stdout, flush=True)
+    return result
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_retrieval(r: dict[str, Any], path: Path) -> None:
+    """Grouped bars: R@K of both directions, trained against random init, chance as ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = r["ks"]
+    groups = [(d, k) for d in ("i2t", "t2i") for k in ks]
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(groups), 3.4))
+    for j, (prefix, name, colour) in enumerate([("", "trained", "tab:blue"), ("random_init_", "random init", "tab:gray")]):
+        xs = [i + (j - 0.5) * width for i in range(len(groups))]
+        vals = [r[f"{prefix}{d}_R@{k}"] for d, k in groups]
+        ax.bar(xs, vals, width, color=colour, label=name)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+    for i, (_, k) in enumerate(groups):
+        ax.hlines(r[f"chance_R@{k}"], i - 0.45, i + 0.45, colors="k", lw=0.8, ls="--",
+                  label="chance" if i == 0 else None)
+    a, b = r["modalities"]
+    ax.set_xticks(range(len(groups)), [f"{a}→{b}\nR@{k}" if d == "i2t" else f"{b}→{a}\nR@{k}" for d, k in groups])
+    ax.set_ylim(0, 1.25)  # room for the legend above the bars
+    ax.set_ylabel("recall")
+    ax.set_title(f"retrieval, {r['n_items']} items, {r['n_captions']} distinct {r['key']}s ({r['split']})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
