@@ -150,8 +150,10 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
             n = sum(p.numel() for p in objective.parameters())
             print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={cfg.model.name} "
                   f"({n / 1e6:.2f}M parameters), data={source.root}, run_dir={run_dir}", file=sys.stderr)
-        # per tower: the modality config's crop size, else the input size its encoder declares (an image side)
+        # per tower: the modality config's crop size, else the input size its encoder declares (an image
+        # side); a library tower (open_clip) always takes the size it was built for
         max_len = {m: mod_cfgs[m].get("max_len") if mod_cfgs[m].get("max_len") is not None
+                   and "open_clip" not in encoders[m].config
                    else encoders[m].config["preprocessing"].get("max_len") for m in mods}
         result = Trainer(to_dict(cfg), objective, source, run_dir, info, cache, max_len).fit()
         if info.is_main:

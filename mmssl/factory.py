@@ -44,6 +44,7 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
     adapter = dict(modality_cfg.get("adapter") or {})
     adapter.update(per_size.get("adapter") or {})
     adapter.update(objective_defaults(modality_cfg, objective).get("adapter") or {})
+    oc = dict(modality_cfg.get("open_clip") or {})  # set when it names a model (model or model_cfg)
     return {
         "format_version": FORMAT_VERSION,
         "mmssl_version": __version__,
@@ -53,13 +54,20 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
         "adapter": adapter,
         "pool": modality_cfg.get("pool", "mean"),
         "num_prefix": int(modality_cfg.get("num_prefix", 0)),
+        # an open_clip tower instead of an mmssl Encoder (mmssl/towers/open_clip.py); absent otherwise
+        **({"open_clip": oc} if oc.get("model") or oc.get("model_cfg") else {}),
     }
 
 
 def build_encoder(cfg: dict[str, Any]) -> Encoder:
-    """Encoder from an ``encoder_config`` dict (or a loaded ``config.json``)."""
+    """Encoder from an ``encoder_config`` dict (or a loaded ``config.json``); an ``OpenClipTower`` (the
+    Encoder interface over an open_clip tower) when the config has an ``open_clip`` entry."""
     if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"encoder format {cfg['format_version']} is newer than this mmssl reads ({FORMAT_VERSION})")
+    if cfg.get("open_clip"):
+        from mmssl.towers.open_clip import OpenClipTower
+
+        return OpenClipTower(cfg)  # type: ignore[return-value]
     backbone = BackboneConfig(**cfg["backbone"])
     adapter_cls = MODALITIES.get(cfg["modality"])
     adapter = adapter_cls(backbone.dim, cfg.get("adapter") or {})
