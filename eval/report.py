@@ -22,6 +22,9 @@ import yaml
 
 EXCLUDED_DIRS = ("checkpoints", "heads", "tensorboard")
 CORE_PROBE_KEYS = ("accuracy", "random_init_accuracy", "features_baseline_accuracy", "layer")
+#: evaluators scored by recall at K rather than accuracy (tabled apart by ``retrieval_table``)
+RANKING_EVALUATORS = ("retrieval",)
+RECALL_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
 
 
 @dataclass
@@ -109,6 +112,8 @@ def _as_result(data: Any, name: str) -> tuple[dict[str, Any] | None, str | None]
         if name != "linear_probe.json" and not all(k in data for k in CORE_PROBE_KEYS):
             return None, None
         data = {**data, "evaluator": "linear_probe"}
+    if data.get("evaluator") in RANKING_EVALUATORS:  # recalls, not accuracies: their own table
+        return None, None
     missing = [k for k in ("accuracy", "random_init_accuracy") if not _is_number(data.get(k))]
     if missing:
         return None, f"partial: no {', '.join(missing)}"
@@ -330,6 +335,26 @@ def plot_pretrained_vs_random(results: list[Result], path: Path) -> bool:
 
 
 # -- the report ----------------------------------------------------------------------------------------
+def retrieval_table(run_dirs: Sequence[Path]) -> list[str]:
+    """One row per ``retrieval.json`` under the runs: each recall, trained / random init."""
+    head = ["run", "pair", "n items", "captions", *RECALL_KEYS, "file"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for path in map(Path, run_dirs):
+        for f in sorted(path.rglob("retrieval.json")) if path.is_dir() else []:
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(d, dict) or not all(_is_number(d.get(k)) and _is_number(d.get("random_init_" + k))
+                                                  for k in RECALL_KEYS):
+                continue
+            cells = [path.resolve().name, "+".join(d.get("modalities") or []), str(d.get("n_items", "-")),
+                     str(d.get("n_captions", "-")),
+                     *[f"{d[k]:.3f} / {d['random_init_' + k]:.3f}" for k in RECALL_KEYS], str(f.relative_to(path))]
+            lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def build_report(run_dirs: Sequence[Path], out: Path) -> Path:
     """Gather the results of ``run_dirs`` into ``out/report.md`` and the PNGs it links; -> its path."""
     import matplotlib
@@ -350,6 +375,9 @@ def build_report(run_dirs: Sequence[Path], out: Path) -> Path:
         if lt:
             lines += ["## Layer-weighted probes", "", ("Softmax layer weights learned by the probe, and the test "
                                                        "accuracy of the same probe on each layer alone."), ""] + lt
+    rt = retrieval_table(run_dirs)
+    if rt:
+        lines += ["## Retrieval", "", "Recall at K on the test split, trained / random init (step 0).", ""] + rt + [""]
     plots = [("layer_accuracy.png", "Probe accuracy per layer", plot_layers),
              ("label_fractions.png", "Accuracy per label fraction", plot_fractions),
              ("pretrained_vs_random.png", "Pretrained vs random init", plot_pretrained_vs_random)]

@@ -113,3 +113,17 @@ def test_results_outside_a_run_find_it_through_their_encoder(tmp_path: Path) -> 
     (res,), skipped = collect([out])
     assert not skipped and (res.run.name, res.run.objective, res.run.steps) == ("elsewhere", "hubert", "200")
     assert res.rows == [{"label_fraction": 1.0, "n_train": None, "accuracy": 0.5, "random_init_accuracy": 0.25}]
+
+
+def test_retrieval_results_get_their_own_table(tmp_path: Path) -> None:
+    run = tmp_path / "clip-run"
+    keys = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10")
+    rec = {"evaluator": "retrieval", "modalities": ["image", "text"], "n_items": 1000, "n_captions": 180,
+           **{k: 0.5 + i / 100 for i, k in enumerate(keys)}, **{f"random_init_{k}": 0.01 for k in keys}}
+    _write(run / "eval" / "retrieval.json", rec)
+    _write(run / "other" / "retrieval.json", {"evaluator": "retrieval", "i2t_R@1": 0.3})  # partial: left out
+    results, skipped = collect([run])
+    assert results == [] and skipped == []  # recalls are not accuracies: not in the accuracy table
+    md = build_report([run], tmp_path / "rep").read_text()
+    assert "## Retrieval" in md and "| clip-run | image+text | 1000 | 180 | 0.500 / 0.010 | 0.510 / 0.010 |" in md
+    assert md.count("| clip-run | image+text") == 1
