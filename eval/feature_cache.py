@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource, iter_split
 from mmssl.encoder import Encoder, masked_mean
+from mmssl.modalities.base import ProbeTransform as Transform
 
 FORMAT = 2
 
@@ -69,7 +70,7 @@ def _wanted(encoder: Encoder, layers: Sequence[int], pools: Sequence[str]) -> li
 @torch.no_grad()
 def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.device, batch_size: int,
              wanted: list[tuple[int, str]], max_len: int | None, baseline: bool,
-             bad: Counter) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+             bad: Counter, transform: Transform | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     encoder.eval()
     need_layers = any(layer >= 0 for layer, _ in wanted)
     cols: dict[str, list[torch.Tensor]] = {feature_key(*w): [] for w in wanted}
@@ -78,6 +79,13 @@ def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.dev
     labels, ids = [], []
     for batch in iter_split(source, split, batch_size, bad, max_len=max_len):
         b = {k: v.to(device) for k, v in batch.items()}
+        if transform is not None:  # a probe variant (e.g. one MRI contrast alone): items it cannot use leave
+            b, keep = transform(b)
+            keep = keep.to(device)
+            if not bool(keep.any()):
+                continue
+            b = {k: v[keep] for k, v in b.items()}
+            batch = {k: v[keep.cpu()] for k, v in batch.items()}
         out = encoder(b, return_layers=need_layers)
         for layer, pool in wanted:
             if pool == "cls":
@@ -97,27 +105,33 @@ def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.dev
 def encoder_features(encoder: Encoder, source: DataSource, split: str, device: torch.device,
                      batch_size: int = 32, layers: Sequence[int] = (-1,), pools: Sequence[str] = ("mean",),
                      max_len: int | None = None, baseline: bool = False,
-                     cache_root: Path | None = None) -> FeatureSet:
+                     cache_root: Path | None = None, variant: tuple[str, Transform] | None = None) -> FeatureSet:
     """Pooled features of every sample of ``split`` for each (layer, pool) asked (see module doc).
 
     With ``cache_root``, one pass extracts every feature the encoder has (each block's mean, the final
     mean and CLS, the classical baseline) and caches them all, so the linear probe, k-NN and the
-    layer probe of one encoder share a single pass over the data; later calls read them back."""
+    layer probe of one encoder share a single pass over the data; later calls read them back.
+
+    ``variant``: (name, transform) of the adapter's ``probe_variants``: every batch goes through the
+    transform, which returns the altered batch and which items to keep [B] (cached under its name)."""
+    transform = variant[1] if variant else None
     wanted = _wanted(encoder, layers, pools)
     keys = [feature_key(*w) for w in wanted] + (["baseline"] if baseline else [])
     if cache_root is None:
         bad: Counter = Counter()
-        feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad)
+        feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad,
+                                      transform)
         return FeatureSet(feats, labels, ids, dict(bad))
     every = _wanted(encoder, [*range(encoder.depth), -1], ["mean", "cls"])
     ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
                         "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
+                        "variant": variant[0] if variant else None,
                         "encoder": {k: v for k, v in getattr(encoder, "config", {}).items() if k not in ("step", "objective")}},
                        sort_keys=True, default=str)  # the architecture too: equal weights, other heads
     path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
     if not path.exists():
         bad = Counter()
-        feats, labels, ids = _extract(encoder, source, split, device, batch_size, every, max_len, True, bad)
+        feats, labels, ids = _extract(encoder, source, split, device, batch_size, every, max_len, True, bad, transform)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({**{f"f/{k}": v.contiguous() for k, v in feats.items()}, "labels": labels.contiguous(),

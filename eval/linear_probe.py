@@ -69,6 +69,31 @@ def fit_select(keys: list[str], tr: FeatureSet, va: FeatureSet, te: FeatureSet, 
             "variant": s.variants[s.best].name()}
 
 
+def probe_variants(enc: Encoder, init: Encoder, source: DataSource, splits: list[str], ecfg: dict[str, Any],
+                   layers: list[int], pools: list[str], size: int | None, root: Path | None, device: torch.device,
+                   batch_size: int, num_classes: int, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """The probe again on each of the adapter's ``probe_variants`` (all labels, the same seeds and
+    variant selection on validation): name -> accuracy and its random-init twin."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, transform in enc.adapter.probe_variants().items():
+        def feats(e: Encoder) -> Splits:
+            return tuple(encoder_features(e, source, s, device, batch_size, layers, pools, size, False, root,
+                                          variant=(name, transform)) for s in splits)  # type: ignore[return-value]
+
+        trained, rand = feats(enc), feats(init)
+        keys = [k for k in (feature_key(layer, p) for layer in layers for p in pools) if k in trained[0].feats]
+        idx = torch.arange(len(trained[0].labels))
+        entry: dict[str, Any] = {"n_train": len(idx), "n_val": len(trained[1].labels), "n_test": len(trained[2].labels)}
+        for prefix, fs in (("", trained), ("random_init_", rand)):
+            runs = [fit_select(keys, *fs, idx=idx, ecfg=ecfg, num_classes=num_classes, device=device, seed=seed)
+                    for seed in seeds]
+            entry.update(summarise([r["correct"] for r in runs], prefix=prefix))
+        out[name] = entry
+        print(f"linear probe variant {name!r}: trained {entry['accuracy']:.3f} | random init "
+              f"{entry['random_init_accuracy']:.3f} | {entry['n_test']} test items", flush=True)
+    return out
+
+
 def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg: dict[str, Any],
                      device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -131,6 +156,11 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
         "skipped_samples": dict(sum((Counter(s.skipped) for s in trained), Counter())),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    variants = probe_variants(enc, init, source, splits, ecfg, layers, pools, size, root, device, batch_size,
+                              num_classes, seeds)
+    if variants:
+        result["variants"] = variants
+        result["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_result(out, "linear_probe", result, plot_probe)
     ci = result["accuracy_ci95"]
     print(f"linear probe ({enc.adapter.name}, layers {layers}, {result['solver']}): trained {result['accuracy']:.3f} "

@@ -9,6 +9,7 @@
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
   mmssl data pack modality=speech|image|text src=DIR|FILE.jsonl out=DIR [shards=8] [val=0.1] [test=0.2] [seed=0]
   mmssl data pack modality=[image,text] src=DIR|FILE.csv|FILE.jsonl out=DIR [file_column= caption_column=]
+  mmssl reconstruct modality=mri encoder=RUN src=CASE_DIR out=DIR   (missing MRI contrasts, as NIfTI)
   mmssl convert hubert|timm SRC OUT [size= mean= std=]
   mmssl list
 
@@ -412,8 +413,32 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
+def cmd_reconstruct(args: list[str]) -> int:
+    """``mmssl reconstruct modality=mri encoder=RUN src=CASE out=DIR``: what an MAE run's decoder predicts
+    for the parts a sample lacks (an MRI case's missing contrasts), written as the modality's files."""
+    import importlib
+
+    import torch
+
+    kv = _kv(args, {"modality", "encoder", "src", "out", "device"})
+    for k in ("modality", "encoder", "src", "out"):
+        if k not in kv:
+            raise UsageError(f"reconstruct needs {k}=...  (mmssl reconstruct modality=mri encoder=RUN src=CASE out=DIR)")
+    try:
+        mod = importlib.import_module(f"mmssl.modalities.{kv['modality']}.reconstruct")
+    except ModuleNotFoundError as e:
+        if e.name not in (f"mmssl.modalities.{kv['modality']}", f"mmssl.modalities.{kv['modality']}.reconstruct"):
+            raise  # a dependency of the module, not the module: say what is missing
+        raise UsageError(f"modality {kv['modality']!r} has no reconstruction (mri has)") from None
+    want = kv.get("device", "auto")
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    written = mod.reconstruct(Path(kv["encoder"]), Path(kv["src"]), Path(kv["out"]), device=device)
+    print(f"reconstructed into {kv['out']}: {json.dumps(written, default=str)}")
+    return 0
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "extract": cmd_extract, "data": cmd_data,
-            "convert": cmd_convert, "report": cmd_report, "list": cmd_list}
+            "convert": cmd_convert, "report": cmd_report, "list": cmd_list, "reconstruct": cmd_reconstruct}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,17 @@ Adapters know nothing about objectives. Every method takes the dict batch of the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmssl.types import Batch, Tokens
+
+
+#: a probe variant's batch transform: batch -> (the altered batch, which items it keeps [B] bool)
+ProbeTransform = Callable[[Batch], tuple[Batch, torch.Tensor]]
 
 
 class ModalityAdapter(nn.Module, ABC):
@@ -77,6 +82,11 @@ class ModalityAdapter(nn.Module, ABC):
         """-> [B] int64 number of non-padding tokens per sample, without running the network."""
         t = self.tokenize(batch)
         return (~t.pad).sum(1)
+
+    def probe_variants(self) -> dict[str, ProbeTransform]:
+        """Named views of the data the linear probe also reports (e.g. each MRI contrast alone): each
+        transform alters a batch and says which items it keeps. Default: none."""
+        return {}
 
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing this adapter expects, written into an export's config.json."""

@@ -247,3 +247,24 @@ def test_probe_sweep_bench_smoke(tmp_path: Path) -> None:
     assert r["max_val_acc_diff"] < 1e-3
     assert r["sides"]["mmssl"]["seconds"] > 0 and r["ratio_ref_over_mmssl"] > 0
     assert "| mmssl |" in proc.stdout
+
+
+def test_probe_variants_are_reported(image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adapter's probe_variants (e.g. one MRI contrast alone) each get a probe of their own, on the items
+    each keeps: here 'even' keeps the even sample ids, 'dark' blanks every image."""
+    from mmssl.cli import main
+    from mmssl.modalities.image.adapter import ImageAdapter
+
+    def variants(self: ImageAdapter) -> dict:
+        return {"even": lambda b: (b, b["sample_id"] % 2 == 0),
+                "dark": lambda b: ({**b, "image": torch.zeros_like(b["image"])}, torch.ones_like(b["sample_id"]).bool())}
+
+    monkeypatch.setattr(ImageAdapter, "probe_variants", variants)
+    out = tmp_path / "lpv"
+    assert main(["eval", "linear-probe", f"encoder={image_run}", f"out={out}", "data=digits", "eval.epochs=20",
+                 "eval.baseline=false"]) == 0
+    v = json.loads((out / "linear_probe.json").read_text())["variants"]
+    assert v["even"]["n_train"] == 500 and v["even"]["n_test"] == 300 and v["dark"]["n_test"] == 600
+    assert v["even"]["accuracy"] > 0.3 and 0 <= v["even"]["random_init_accuracy"] <= 1
+    # blank images carry no information: the probe can do no better than the majority class
+    assert v["dark"]["accuracy"] < 0.2

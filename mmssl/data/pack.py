@@ -51,6 +51,25 @@ def read_items(codec: Any, path: Path) -> Iterator[tuple[str, dict[str, Any] | B
         yield "", e, None
 
 
+def _case_dirs(codec: Any, src: Path) -> tuple[Path, list[Path], list[Path]]:
+    """(root, case folders, other files) for codecs whose item is a folder (``case_dirs = True``): every
+    folder directly holding a file with one of ``codec.suffixes`` is one case; with ``src`` itself a case,
+    it is the only one. Class = the first path part below ``src`` for cases two or more levels down."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"src={src} is not a folder of {codec.modality} cases")
+    def is_member(p: Path) -> bool:
+        return p.is_file() and p.name.lower().endswith(tuple(codec.suffixes))
+
+    if any(is_member(p) for p in src.iterdir()):
+        return src.parent, [src], []
+    cases = sorted({p.parent for p in src.rglob("*") if is_member(p)})
+    if not cases:
+        raise FileNotFoundError(f"no {codec.modality} cases ({'/'.join(codec.suffixes)} files in a folder) under {src}")
+    inside = set(cases)
+    others = sorted(p for p in src.rglob("*") if p.is_file() and p.parent not in inside)
+    return src, cases, others
+
+
 def _class_index(names: list[str | int]) -> tuple[list[str], dict[str | int, int]]:
     """Class names and each label's index: integer labels (all of them) are class indices
     themselves; otherwise names sort as ImageFolder sorts them."""
@@ -66,7 +85,9 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
     codec = MODALITIES.get(modality).codec
     src = Path(src)
     kinds = "/".join(codec.suffixes)
-    if src.is_file():
+    if getattr(codec, "case_dirs", False):  # an item is a folder of files (an MRI case: one NIfTI per contrast)
+        root, files, others = _case_dirs(codec, src)
+    elif src.is_file():
         if src.suffix.lower() not in codec.suffixes:
             raise ValueError(f"src={src} is not a {kinds} file")
         root, files, others = src.parent, [src], []
