@@ -55,4 +55,12 @@ def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Enc
     except (FileNotFoundError, ValueError):  # an import, or a run without step-0 weights
         torch.manual_seed(seed)
         return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"  # type: ignore[attr-defined]
-    return load_encoder(d), "step0"  # weights that do not fit are an error, not a silent fallback
+    init = load_encoder(d)  # weights that do not fit are an error, not a silent fallback
+    return init, step0_label(init)
+
+
+def step0_label(encoder: Encoder) -> str:
+    """"step0", or what the step-0 weights really are when they came from a file (an open_clip tower
+    built from a weights file is not a random initialisation)."""
+    src = ((getattr(encoder, "config", None) or {}).get("open_clip") or {}).get("initialised_from")
+    return f"step0 (loaded from {src}: not random)" if src else "step0"

@@ -8,6 +8,11 @@ sequences share a key, so retrieving another image with the very same caption co
 (synthetic captions repeat; counting only the item's own partner would punish a perfect model).
 Without a text tower the key is ``sample_id``: exact-pair retrieval.
 
+Queries and galleries are deduplicated (``Relevance``): in i2t each distinct file queries the distinct
+captions, so a caption shared by many items is one gallery entry and R@5 means five different
+captions; in t2i every item's caption queries the distinct files, and a file packed with several
+captions (COCO-style rows, ``file_id``) is one gallery entry relevant to each of its captions.
+
 Ties are handled pessimistically, so the metric is deterministic and a collapsed embedding cannot
 score by luck: a query's rank is 1 + the number of gallery items with a *different* key whose
 similarity is >= that of the best same-key item. Hence R@K = 0 for constant embeddings whenever more
@@ -22,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,79 +58,117 @@ def caption_keys(ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return torch.unique(rows, dim=0, return_inverse=True)[1]
 
 
-def first_hit_ranks(query: torch.Tensor, gallery: torch.Tensor, qkeys: torch.Tensor, gkeys: torch.Tensor,
+def first_hit_ranks(query: torch.Tensor, gallery: torch.Tensor, rel_q: torch.Tensor, rel_g: torch.Tensor,
                     chunk: int | None = None) -> torch.Tensor:
-    """query [m, E], gallery [n, E], qkeys [m], gkeys [n] -> rank [m] int64 (1 = best) of the first
-    gallery item sharing the query's key, by cosine similarity, ties counted against the query (see the
-    module doc). Every query must have at least one same-key gallery item. Chunks of ``chunk`` queries
-    run on the gallery's device."""
+    """query [m, E], gallery [n, E]; the relevant (query, gallery) pairs as index lists rel_q [P], rel_g [P]
+    -> rank [m] int64 (1 = best) of each query's best-scoring relevant gallery item by cosine similarity,
+    ties counted against the query (module doc). Every query needs a relevant item. Chunks of ``chunk``
+    queries run on the gallery's device."""
     if not (torch.isfinite(query).all() and torch.isfinite(gallery).all()):
         raise ValueError("retrieval embeddings hold NaN or inf: the encoder diverged")
     dev = gallery.device
     g = F.normalize(gallery.float(), dim=1)
-    gk = gkeys.to(dev).long()
     m, n = query.shape[0], gallery.shape[0]
     step = chunk or max(1, min(m, _SIM_ELEMENTS // max(n, 1)))
+    rel_q, rel_g = rel_q.to(dev).long(), rel_g.to(dev).long()
     ranks = torch.empty(m, dtype=torch.long)
     for i in range(0, m, step):
         q = F.normalize(query[i:i + step].to(dev).float(), dim=1)
         sim = q @ g.T  # [c, n]
-        same = qkeys[i:i + step].to(dev).long().unsqueeze(1) == gk.unsqueeze(0)  # [c, n]
+        inside = (rel_q >= i) & (rel_q < i + q.shape[0])
+        same = torch.zeros_like(sim, dtype=torch.bool)
+        same[rel_q[inside] - i, rel_g[inside]] = True  # [c, n] relevant gallery items
         if not same.any(1).all():
-            raise ValueError("a query has no gallery item with its key")
+            raise ValueError("a query has no relevant gallery item")
         best = sim.masked_fill(~same, float("-inf")).amax(1, keepdim=True)  # [c, 1]
         ranks[i:i + step] = (1 + ((sim >= best) & ~same).sum(1)).cpu()
     return ranks
 
 
-def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """ranks [n] -> {K: fraction of queries with rank <= K}."""
-    return {int(k): float((ranks <= int(k)).float().mean()) for k in ks}
+def recall_at(ranks: torch.Tensor, ks: Sequence[int], weights: torch.Tensor | None = None) -> dict[int, float]:
+    """ranks [n] (and optional query weights [n]) -> {K: (weighted) fraction of queries with rank <= K}."""
+    w = torch.ones(ranks.shape, dtype=torch.float64) if weights is None else weights.double()
+    return {int(k): float(((ranks <= int(k)).double() * w).sum() / w.sum()) for k in ks}
 
 
-def direction_ranks(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor,
-                    chunk: int | None = None) -> dict[str, torch.Tensor]:
-    """Paired embeddings a [n, E], b [n, E] (row i of each is one item), keys [n] ->
-    {"i2t": ranks [n] of a_i querying all b_j, "t2i": ranks [n] of b_i querying all a_j}."""
+@dataclass
+class Relevance:
+    """Who retrieves whom, from each item's caption key and content group (the file it came from).
+
+    i2t: queries = distinct content groups (an image once, however many captions it has), gallery =
+    distinct captions (a caption once, however many items share it); relevant = the captions the group
+    has. t2i: queries = distinct captions weighted by how many items carry them (every item's caption
+    queries, as COCO's protocol does; equal captions give equal queries), gallery = distinct groups;
+    relevant = the groups with that caption. Index tensors point at each unique's first item."""
+
+    group_first: torch.Tensor   # [G] item index of each distinct group
+    key_first: torch.Tensor     # [C] item index of each distinct caption
+    key_count: torch.Tensor     # [C] items per caption (t2i query weights)
+    pair_g: torch.Tensor        # [P] group of each distinct (group, caption) pair
+    pair_k: torch.Tensor        # [P] caption of that pair
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, groups: torch.Tensor) -> Relevance:
+        def first(inv: torch.Tensor, k: int) -> torch.Tensor:
+            idx = torch.full((k,), keys.numel(), dtype=torch.long)
+            return idx.scatter_reduce(0, inv, torch.arange(keys.numel()), "amin")
+
+        _, ginv = torch.unique(groups, return_inverse=True)
+        _, kinv, kcount = torch.unique(keys, return_inverse=True, return_counts=True)
+        pairs = torch.unique(torch.stack([ginv, kinv], 1), dim=0)
+        return cls(first(ginv, int(ginv.max()) + 1), first(kinv, int(kinv.max()) + 1), kcount, pairs[:, 0], pairs[:, 1])
+
+    def chance(self, ks: Sequence[int]) -> dict[str, dict[int, float]]:
+        """Expected R@K of a uniformly random ranking per direction: a query with r relevant items
+        among n misses the top K with probability C(n-r, K) / C(n, K)."""
+        def one(r: torch.Tensor, n: int, w: torch.Tensor | None) -> dict[int, float]:
+            out = {}
+            for k in ks:
+                miss = torch.ones(r.shape, dtype=torch.float64)
+                for t in range(min(int(k), n)):
+                    miss = miss * ((n - r - t).clamp(min=0) / (n - t))
+                hit = 1 - miss
+                out[int(k)] = float(hit.mean() if w is None else (hit * w).sum() / w.sum())
+            return out
+
+        G, C = self.group_first.numel(), self.key_first.numel()
+        per_g = torch.bincount(self.pair_g, minlength=G).double()
+        per_k = torch.bincount(self.pair_k, minlength=C).double()
+        return {"i2t": one(per_g, C, None), "t2i": one(per_k, G, self.key_count.double())}
+
+
+def direction_ranks(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None = None,
+                    chunk: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Paired embeddings a [n, E], b [n, E] (row i of each is one item), caption keys [n], content groups
+    [n] (default: every item its own) -> {"i2t": (ranks, None), "t2i": (ranks, query weights)} (see
+    ``Relevance``)."""
     if a.shape[0] != b.shape[0] or keys.shape != (a.shape[0],):
         raise ValueError(f"retrieval needs a [n, E], b [n, E], keys [n]; got {tuple(a.shape)}, {tuple(b.shape)}, "
                          f"{tuple(keys.shape)}")
-    return {"i2t": first_hit_ranks(a, b, keys, keys, chunk), "t2i": first_hit_ranks(b, a, keys, keys, chunk)}
+    rel = Relevance.of(keys, torch.arange(keys.numel()) if groups is None else groups)
+    ga, kb = rel.group_first.to(a.device), rel.key_first.to(b.device)
+    return {"i2t": (first_hit_ranks(a[ga], b[kb], rel.pair_g, rel.pair_k, chunk), None),
+            "t2i": (first_hit_ranks(b[kb], a[ga], rel.pair_k, rel.pair_g, chunk), rel.key_count)}
 
 
-def rank_metrics(ranks: dict[str, torch.Tensor], ks: Sequence[int], prefix: str = "") -> dict[str, float]:
-    """{direction: ranks [n]} -> {prefix+direction_R@K, ..._mean_rank, ..._median_rank} (the median of
-    an even count averages the middle two)."""
+def rank_metrics(ranks: dict[str, tuple[torch.Tensor, torch.Tensor | None]], ks: Sequence[int],
+                 prefix: str = "") -> dict[str, float]:
+    """{direction: (ranks [q], weights [q] | None)} -> {prefix+direction_R@K, ..._mean_rank,
+    ..._median_rank} (weights count each query that many times)."""
     out: dict[str, float] = {}
-    for name, r in ranks.items():
-        out.update({f"{prefix}{name}_R@{k}": v for k, v in recall_at(r, ks).items()})
-        out[f"{prefix}{name}_mean_rank"] = float(r.double().mean())
-        out[f"{prefix}{name}_median_rank"] = float(r.double().quantile(0.5))
+    for name, (r, w) in ranks.items():
+        out.update({f"{prefix}{name}_R@{k}": v for k, v in recall_at(r, ks, w).items()})
+        flat = r if w is None else r.repeat_interleave(w.long())
+        out[f"{prefix}{name}_mean_rank"] = float(flat.double().mean())
+        out[f"{prefix}{name}_median_rank"] = float(flat.double().quantile(0.5))
     return out
 
 
 def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
-                      chunk: int | None = None) -> dict[str, float]:
-    """Paired embeddings a [n, E], b [n, E] and keys [n] -> ``{i2t_R@K, t2i_R@K for K in ks,
-    i2t_mean_rank, i2t_median_rank, t2i_mean_rank, t2i_median_rank}``. i2t: a_i queries all b_j;
-    t2i: b_i queries all a_j; a hit is a gallery item j with keys[j] == keys[i] (ties: module doc)."""
-    return rank_metrics(direction_ranks(a, b, keys, chunk), ks)
-
-
-def chance_recall(keys: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Expected R@K of a uniformly random ranking, given the key multiplicities: a query whose key
-    occurs m times among n gallery items misses the top K with probability C(n-m, K) / C(n, K).
-    keys [n] -> {K: mean over queries}."""
-    n = keys.shape[0]
-    counts = torch.unique(keys, return_counts=True, return_inverse=True)
-    m = counts[2][counts[1]].double()  # [n] multiplicity of each item's key
-    out = {}
-    for k in ks:
-        miss = torch.ones(n, dtype=torch.float64)
-        for t in range(min(int(k), n)):
-            miss = miss * ((n - m - t).clamp(min=0) / (n - t))
-        out[int(k)] = float((1 - miss).mean())
-    return out
+                      groups: torch.Tensor | None = None, chunk: int | None = None) -> dict[str, float]:
+    """Paired embeddings a [n, E], b [n, E], caption keys [n] (and content groups [n]) -> ``{i2t_R@K,
+    t2i_R@K for K in ks, i2t_mean_rank, i2t_median_rank, t2i_mean_rank, t2i_median_rank}`` (``Relevance``)."""
+    return rank_metrics(direction_ranks(a, b, keys, groups, chunk), ks)
 
 
 # -- the evaluator --------------------------------------------------------------------------------------
@@ -143,6 +187,7 @@ def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_siz
     (text ids only where the batches hold text; padded to the longest caption)."""
     emb: dict[str, dict[str, list[torch.Tensor]]] = {p: {} for p in pairs}
     ids: list[torch.Tensor] = []
+    fids: list[torch.Tensor] = []
     texts: list[torch.Tensor] = []
     for batch in iter_split(source, split, batch_size, bad, max_len=max_len):
         b = {k: v.to(device) for k, v in batch.items()}
@@ -150,12 +195,16 @@ def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_siz
             for m in pair.modalities:
                 emb[name].setdefault(m, []).append(pair.embed(m, b).float().cpu())
         ids.append(batch["sample_id"])
+        if "file_id" in batch:
+            fids.append(batch["file_id"])
         if TEXT in batch:
             texts += [row[:int(n)] for row, n in zip(batch[TEXT], batch[f"{TEXT}_len"])]
     if not ids:
         raise ValueError(f"split {split!r} of {source.root} has no usable samples")
     out: dict[str, Any] = {"emb": {p: {m: torch.cat(v) for m, v in e.items()} for p, e in emb.items()},
                            "sample_id": torch.cat(ids)}
+    if fids and sum(f.numel() for f in fids) == out["sample_id"].numel():
+        out["file_id"] = torch.cat(fids)
     if texts:
         lens = torch.tensor([t.numel() for t in texts], dtype=torch.long)
         padded = torch.zeros(len(texts), int(lens.max()), dtype=torch.long)
@@ -193,25 +242,34 @@ def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: di
         keys, key_kind = caption_keys(data[TEXT], data[f"{TEXT}_len"]), "caption"
     else:
         keys, key_kind = data["sample_id"], "sample_id"
+    # items packed from one file with several captions (COCO-style rows) are one image, not several
+    groups = data.get("file_id", data["sample_id"])
+    rel = Relevance.of(keys, groups)
 
     result: dict[str, Any] = {
         "evaluator": "retrieval", "modality": f"{a}+{b}", "modalities": [a, b], "encoder": str(path),
-        "data": str(source.root), "random_init_source": "step0", "split": split, "ks": ks,
+        "data": str(source.root), "random_init_source": _init_label(init), "split": split, "ks": ks,
         "key": key_kind,
         "key_note": ("a hit is any gallery item whose caption (token ids as the text tower reads them) equals "
                      "the query's" if key_kind == "caption" else
                      "no text tower: a hit is the query's own partner (exact-pair retrieval)"),
         "ties": "pessimistic: other-key items scoring >= the best same-key item rank before it",
+        "protocol": ("i2t: each distinct file (an image once) queries the distinct captions; t2i: every item's "
+                     "caption queries the distinct files; relevant = a caption the file carries"),
     }
     for prefix, emb in data["emb"].items():
-        ranks = direction_ranks(emb[a].to(device), emb[b].to(device), keys)  # similarities on the device
+        ranks = direction_ranks(emb[a].to(device), emb[b].to(device), keys, groups)  # similarities on the device
         result.update(rank_metrics(ranks, ks, prefix))
-        if n_boot and prefix == "":  # items resampled: the interval covers test-set sampling only
-            for name, r in ranks.items():
-                result[f"{name}_R@1_ci95"] = list(bootstrap_ci((r <= 1).float(), n_boot=n_boot))
-    for k, v in chance_recall(keys, ks).items():
-        result[f"chance_R@{k}"] = v
+        if n_boot and prefix == "":  # queries resampled: the interval covers test-set sampling only
+            for name, (r, w) in ranks.items():
+                hits = (r <= 1).float() if w is None else (r <= 1).float().repeat_interleave(w.long())
+                result[f"{name}_R@1_ci95"] = list(bootstrap_ci(hits, n_boot=n_boot))
+    for name, per_k in rel.chance(ks).items():
+        for k, v in per_k.items():
+            result[f"{name}_chance_R@{k}"] = v
+    result["chance_R@1"] = result["i2t_chance_R@1"]
     result.update({"n_items": int(keys.numel()), "n_captions": int(keys.unique().numel()),
+                   "n_groups": int(rel.group_first.numel()),
                    "skipped_samples": dict(bad), "logit_scale": _float_or_none(getattr(pair, "logit_scale", None)),
                    "seconds": round(time.perf_counter() - t0, 2)})
     where = write_result(out, "retrieval", result, plot_retrieval)
@@ -247,7 +305,7 @@ def plot_retrieval(r: dict[str, Any], path: Path) -> None:
         for x, v in zip(xs, vals):
             ax.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
     for i, (_, k) in enumerate(groups):
-        ax.hlines(r[f"chance_R@{k}"], i - 0.45, i + 0.45, colors="k", lw=0.8, ls="--",
+        ax.hlines(r.get(f"{groups[i][0]}_chance_R@{k}", r.get(f"chance_R@{k}", 0.0)), i - 0.45, i + 0.45, colors="k", lw=0.8, ls="--",
                   label="chance" if i == 0 else None)
     a, b = r["modalities"]
     ax.set_xticks(range(len(groups)), [f"{a}→{b}\nR@{k}" if d == "i2t" else f"{b}→{a}\nR@{k}" for d, k in groups])
@@ -258,3 +316,11 @@ def plot_retrieval(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _init_label(init: Any) -> str:
+    """What the step-0 pair is: "step0", unless a tower started from a weights file (not random)."""
+    from mmssl.eval.features import step0_label
+
+    labels = {step0_label(e) for e in getattr(init, "encoders", {}).values()} - {"step0"}
+    return "; ".join(sorted(labels)) or "step0"

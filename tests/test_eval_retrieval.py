@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.eval import retrieval, zero_shot
-from mmssl.eval.retrieval import caption_keys, chance_recall, first_hit_ranks, retrieval_metrics
+from mmssl.eval.retrieval import Relevance, caption_keys, direction_ranks, first_hit_ranks, retrieval_metrics
 from mmssl.eval.zero_shot import class_text_embeddings, confusion, per_class_accuracy, zero_shot_predict
 
 
@@ -30,64 +30,76 @@ def test_caption_keys_ignore_padding_only() -> None:
     assert caption_keys(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)).numel() == 0
 
 
-# items 0 and 1 share a caption (key 0). By hand, with cosine similarities:
-#   i2t: a0 hits b1 (its caption twin) first: rank 1; a1's own b1 (0.8) is beaten by b2 (1.0), a wrong
-#   caption: rank 2; a2's b2 (0) is beaten by b0 (1) and b1 (0.6): rank 3; a3: rank 1.
-#   t2i: b0's best same-key item a0 (0.6) is beaten by a2 (1): rank 2; b1: rank 1; b2's a2 (0) ties
-#   with a3 (-0 = 0) and is beaten by a0, a1: rank 4 (ties count against); b3: rank 1.
+# items 0 and 1 share a caption (key 0): the text gallery holds it once (b0 stands for it).
+# i2t (each image queries the 3 distinct captions b0, b2, b3; cosine similarities by hand):
+#   a0 [0.6, 0.8]: b0 0.6, b2 0.8, b3 -0.6 -> its caption b0 is beaten by b2: rank 2
+#   a1 [0, 1]:     b0 0.0, b2 1.0, b3 0.0  -> b0 beaten by b2 and tied with b3 (ties count against): 3
+#   a2 [1, 0]:     b2 0.0, b0 1.0, b3 -1.0 -> b2 beaten by b0: 2;  a3 [-1, 0]: b3 1.0 first: 1
+# t2i (each item's caption queries the 4 images; caption 0 twice, weight 2; b0 = [1, 0] queries for it):
+#   caption 0 (relevant a0, a1): a2 1.0 > a0 0.6 -> rank 2;  caption 1 (b2 [0, 1], relevant a2): a1 1.0,
+#   a0 0.8 > a2 0.0, a3 0.0 ties -> rank 4;  caption 2 (b3 [-1, 0], relevant a3): rank 1.
 A = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
 B = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
 KEYS = torch.tensor([0, 0, 1, 2])
 
 
 def test_recalls_by_hand_with_duplicates_and_a_wrong_caption_first() -> None:
-    assert first_hit_ranks(A, B, KEYS, KEYS).tolist() == [1, 2, 3, 1]
-    assert first_hit_ranks(B, A, KEYS, KEYS).tolist() == [2, 1, 4, 1]
+    r = direction_ranks(A, B, KEYS)
+    assert r["i2t"][0].tolist() == [2, 3, 2, 1] and r["i2t"][1] is None
+    assert r["t2i"][0].tolist() == [2, 4, 1] and r["t2i"][1].tolist() == [2, 1, 1]
     m = retrieval_metrics(A * 3.0, B, KEYS, ks=(1, 2, 3))  # scale-free: cosine
-    assert m["i2t_R@1"] == 0.5 and m["i2t_R@2"] == 0.75 and m["i2t_R@3"] == 1.0
-    assert m["t2i_R@1"] == 0.5 and m["t2i_R@2"] == 0.75 and m["t2i_R@3"] == 0.75
-    assert m["i2t_mean_rank"] == pytest.approx(1.75) and m["i2t_median_rank"] == pytest.approx(1.5)
-    assert m["t2i_mean_rank"] == pytest.approx(2.0) and m["t2i_median_rank"] == pytest.approx(1.5)
-    # exact-pair keys: a0's hit on b1 no longer counts (b1 outranks b0 for a0)
-    assert first_hit_ranks(A, B, torch.arange(4), torch.arange(4))[0] == 3
+    assert m["i2t_R@1"] == 0.25 and m["i2t_R@2"] == 0.75 and m["i2t_R@3"] == 1.0
+    assert m["t2i_R@1"] == 0.25 and m["t2i_R@2"] == 0.75 and m["t2i_R@3"] == 0.75  # weighted: 1/4, 3/4, 3/4
+    assert m["i2t_mean_rank"] == pytest.approx(2.0) and m["t2i_mean_rank"] == pytest.approx((2 + 2 + 4 + 1) / 4)
 
 
-def brute_ranks(q: torch.Tensor, g: torch.Tensor, keys: torch.Tensor) -> list[int]:
-    """Sort the gallery by similarity, other-key items first among equals; the first same-key position."""
+def test_a_file_with_several_captions_is_one_image() -> None:
+    """COCO-style rows: items 0 and 1 are one file with two captions. i2t: the file queries once and
+    either caption is a hit; t2i: the file is one gallery entry, relevant to both of its captions."""
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])   # identical image rows for the shared file
+    b = torch.tensor([[0.9, 0.1], [0.8, -0.2], [0.0, 1.0]])  # two different captions of that image
+    keys, groups = torch.tensor([0, 1, 2]), torch.tensor([7, 7, 9])
+    m = retrieval_metrics(a, b, keys, ks=(1,), groups=groups)
+    assert m["i2t_R@1"] == 1.0 and m["t2i_R@1"] == 1.0
+    # without groups each copy of the image competes with the other (a tie counted against): t2i fails
+    assert retrieval_metrics(a, b, keys, ks=(1,))["t2i_R@1"] == pytest.approx(1 / 3)
+
+
+def brute_ranks(q: torch.Tensor, g: torch.Tensor, relevant: list[set[int]]) -> list[int]:
+    """Sort the gallery by similarity, irrelevant items first among equals; the first relevant position."""
     out = []
     for i in range(q.shape[0]):
         sims = [float(F.cosine_similarity(q[i].double(), g[j].double(), dim=0)) for j in range(g.shape[0])]
-        order = sorted(range(len(sims)), key=lambda j: (-sims[j], keys[j] == keys[i]))
-        out.append(1 + next(p for p, j in enumerate(order) if keys[j] == keys[i]))
+        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j in relevant[i]))
+        out.append(1 + next(p for p, j in enumerate(order) if j in relevant[i]))
     return out
 
 
 def test_ranks_match_brute_force_in_any_chunking() -> None:
     g = torch.Generator().manual_seed(0)
-    n = 30
-    keys = torch.randint(0, 12, (n,), generator=g)  # many duplicate captions
-    b = torch.randn(12, 5, generator=g)[keys] + 0.3 * torch.randn(n, 5, generator=g)
-    a = b + torch.randn(n, 5, generator=g)
-    want = brute_ranks(a, b, keys.tolist())
-    for chunk in (None, 1, 7, 29):
-        assert first_hit_ranks(a, b, keys, keys, chunk=chunk).tolist() == want
-    m = retrieval_metrics(a, b, keys)
-    assert m["i2t_R@5"] == pytest.approx(sum(r <= 5 for r in want) / n)
+    m, n = 20, 14
+    q, gal = torch.randn(m, 5, generator=g), torch.randn(n, 5, generator=g)
+    relevant = [set(torch.randperm(n, generator=g)[: 1 + i % 3].tolist()) for i in range(m)]
+    rel_q = torch.tensor([i for i in range(m) for _ in relevant[i]])
+    rel_g = torch.tensor([j for i in range(m) for j in sorted(relevant[i])])
+    want = brute_ranks(q, gal, relevant)
+    for chunk in (None, 1, 7, 19):
+        assert first_hit_ranks(q, gal, rel_q, rel_g, chunk=chunk).tolist() == want
 
 
 def test_constant_embeddings_score_no_lucky_hits_and_chance_is_exact() -> None:
     keys = torch.tensor([0, 0, 1, 2])
     const = torch.ones(4, 3)
     m = retrieval_metrics(const, const, keys, ks=(1, 2, 3))
-    # ties count against: rank = 1 + other-key items = 3, 3, 4, 4
-    assert (m["i2t_R@1"], m["i2t_R@2"], m["i2t_R@3"]) == (0.0, 0.0, 0.5)
-    # chance: every permutation of the 4 gallery items, equally likely
-    ch = chance_recall(keys, ks=(1, 2, 3))
-    for k in (1, 2, 3):
-        hits = [sum(any(int(keys[p]) == int(keys[i]) for p in perm[:k]) for i in range(4)) / 4
-                for perm in itertools.permutations(range(4))]
-        assert ch[k] == pytest.approx(sum(hits) / len(hits))
-    assert ch[1] == pytest.approx((2 + 2 + 1 + 1) / 16)
+    # ties count against: each image's caption ranks after the other 2 distinct captions: rank 3
+    assert (m["i2t_R@1"], m["i2t_R@2"], m["i2t_R@3"]) == (0.0, 0.0, 1.0)
+    ch = Relevance.of(keys, torch.arange(4)).chance((1, 2, 3))
+    # i2t: one relevant caption among 3 distinct: K/3; t2i: caption 0 (weight 2) has 2 relevant images of 4
+    assert [ch["i2t"][k] for k in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    for k in (1, 2, 3):  # t2i by enumerating every ordering of the 4 images
+        hits = {c: sum(any(p in rel for p in perm[:k]) for perm in itertools.permutations(range(4))) / 24
+                for c, rel in ((0, {0, 1}), (1, {2}), (2, {3}))}
+        assert ch["t2i"][k] == pytest.approx((2 * hits[0] + hits[1] + hits[2]) / 4)
 
 
 def test_nan_embeddings_are_refused() -> None:
@@ -228,10 +240,12 @@ def test_run_retrieval_end_to_end(pairs_root: Path, tmp_path: Path, fake_pairs: 
     assert r["i2t_R@1"] == pytest.approx(10 / 12) and r["i2t_R@5"] == 1.0
     # t2i: blue images tie for every blue caption, and two of the four carry the other blue caption
     assert r["t2i_R@1"] == pytest.approx(8 / 12) and r["t2i_R@10"] == 1.0
-    # collapsed twin: ranks 1 + 8 (red, green) and 1 + 10 (blue)
-    assert r["random_init_i2t_R@1"] == 0.0 and r["random_init_t2i_R@5"] == 0.0
-    assert r["random_init_i2t_R@10"] == pytest.approx(8 / 12)
-    assert r["chance_R@1"] == pytest.approx((8 * 4 + 4 * 2) / 144)
+    # collapsed twin: i2t ranks 1 + 3 (every other distinct caption ties); t2i ranks 1 + 8 (red, green
+    # captions: 4 relevant of 12 images) and 1 + 10 (blue captions: 2 relevant)
+    assert r["random_init_i2t_R@1"] == 0.0 and r["random_init_i2t_R@5"] == 1.0
+    assert r["random_init_t2i_R@5"] == 0.0 and r["random_init_t2i_R@10"] == pytest.approx(8 / 12)
+    assert r["chance_R@1"] == pytest.approx(1 / 4)  # one relevant caption among 4 distinct
+    assert r["t2i_chance_R@1"] == pytest.approx((8 * 4 / 12 + 4 * 2 / 12) / 12)
     lo, hi = r["i2t_R@1_ci95"]
     assert 0.4 < lo <= 10 / 12 <= hi <= 1.0
     assert fake_pairs["encoders"].seen["text"] >= {"text", "text_len"}

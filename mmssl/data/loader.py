@@ -63,6 +63,8 @@ class DataSource:
             raise BadSample(f"missing_field: {raw.get('__key__')}: no integer sid") from None
         if "cls" in raw:
             item["label"] = int(raw["cls"])
+        if "fid" in raw:  # the source file of a pair packed with several captions (retrieval groups by it)
+            item["file_id"] = int(raw["fid"])
         return item
 
     def length(self, item: dict[str, Any]) -> int:
@@ -79,6 +81,8 @@ class DataSource:
         batch["sample_id"] = torch.tensor([it["sample_id"] for it in items], dtype=torch.long)
         if all("label" in it for it in items):
             batch["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        if all("file_id" in it for it in items):
+            batch["file_id"] = torch.tensor([it["file_id"] for it in items], dtype=torch.long)
         return batch
 
 
@@ -87,8 +91,10 @@ def paired_preset(modalities: list[str]) -> str:
     want = set(modalities)
     names = [n for n in PRESETS.names() if set(getattr(PRESETS.get(n), "modalities", ())) == want]
     if not names:
-        raise ValueError(f"no embedded data set pairs {' and '.join(modalities)}; pack pairs with "
-                         f"`mmssl data pack modality=[{','.join(modalities)}] src=...` and pass data=shards data.path=DIR")
+        hint = (f"pack pairs with `mmssl data pack modality=[{','.join(modalities)}] src=...` and pass "
+                f"data=shards data.path=DIR" if "text" in modalities else
+                "pass data=shards data.path=DIR with shards holding both modalities' fields per sample")
+        raise ValueError(f"no embedded data set pairs {' and '.join(modalities)}; {hint}")
     return names[0]
 
 
@@ -127,8 +133,9 @@ class TrainStream(IterableDataset):
 
     def __init__(self, source: DataSource, batch_size: int, max_len: MaxLen, seed: int, rank: int,
                  num_roles: int, role_shift: int = 0, start: dict[int, tuple[int, int]] | None = None,
-                 on_error: str = "skip") -> None:
+                 on_error: str = "skip", bucket: bool = True) -> None:
         self.source, self.batch_size, self.max_len = source, batch_size, max_len
+        self.bucket = bucket
         self.seed, self.rank, self.num_roles, self.role_shift = seed, rank, num_roles, role_shift
         self.start = dict(start or {})
         self.on_error = on_error
@@ -148,8 +155,11 @@ class TrainStream(IterableDataset):
             if nb == 0:
                 raise ValueError(f"shard {shard} has {len(items)} usable samples, fewer than one batch "
                                  f"of {self.batch_size}: pack fewer, larger shards")
-            # drop a random remainder, then bucket by length so batches carry little padding
-            items = sorted(items[: nb * self.batch_size], key=self.source.length)
+            # drop a random remainder, then (unless the objective needs i.i.d. batches) bucket by length so
+            # batches carry little padding
+            items = items[: nb * self.batch_size]
+            if self.bucket:
+                items = sorted(items, key=self.source.length)
             order = torch.randperm(nb, generator=g).tolist()
             for k in range(k0, nb):
                 chunk = items[order[k] * self.batch_size:(order[k] + 1) * self.batch_size]

@@ -337,6 +337,8 @@ def pack_pairs(modalities: list[str], src: Path, out: Path, num_shards: int = 8,
 
     text_codec = MODALITIES.get(TEXT).codec
 
+    file_ids: dict[Path, int] = {}
+
     def build(tmp: Path) -> None:
         meta: dict[str, Any] = {"name": f"packed:{src.name}", "modalities": list(modalities),
                                 "source": str(src.resolve()), "classes": classes, "splits": {},
@@ -356,13 +358,15 @@ def pack_pairs(modalities: list[str], src: Path, out: Path, num_shards: int = 8,
                         try:
                             last = (p.file, codec.encode(codec.read_file(str(p.file))))
                         except BadSample as e:
-                            raise RuntimeError(f"{p.file} changed while packing: {e}") from None
+                            raise ValueError(f"{p.file} changed while packing: {e}") from None
                     s = dict(last[1])
                     t = text_codec.encode({"text": p.caption})
                     if set(t) & set(s):
                         raise RuntimeError(f"{other} and text samples share fields {sorted(set(t) & set(s))}")
                     s.update(t)
-                    s.update({"__key__": f"{sid:08d}", "sid": str(sid).encode(), "path": p.path.encode()})
+                    # fid: the file's number, shared by its rows (retrieval counts a file once)
+                    s.update({"__key__": f"{sid:08d}", "sid": str(sid).encode(), "path": p.path.encode(),
+                              "fid": str(file_ids.setdefault(p.file, len(file_ids))).encode()})
                     if labelled:
                         s["cls"] = str(index[p.label]).encode()
                     yield s

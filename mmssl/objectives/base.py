@@ -48,6 +48,11 @@ class Objective(nn.Module):
     #: e.g. ("unit_features", "frame-level unit features"); None: no requirement.
     needs: tuple[str, str] | None = None
 
+    #: whether training batches group items of similar length (less padding); objectives that compare
+    #: items within a batch (contrastive) need i.i.d. batches: a length that tracks a caption word
+    #: ("short", "long") would otherwise never be a negative
+    bucket_by_length: bool = True
+
     #: why ``forward`` cannot score held-out data (e.g. targets fitted on the train split only), so the
     #: training monitor logs this instead of a validation loss; None: it can.
     no_val_loss: str | None = None

@@ -39,7 +39,8 @@ AUDIO_MODALITIES = ("speech",)
 
 class Projection(nn.Module):
     """[B, D] pooled encoder features -> [B, E]. ``hidden=0``: CLIP's bias-free linear map; else a
-    two-layer MLP (Linear, GELU, Linear), as LAION-CLAP's audio and text projections."""
+    two-layer MLP (Linear, GELU, Linear), the kind of projection LAION-CLAP puts on both towers (theirs
+    uses ReLU)."""
 
     def __init__(self, dim: int, embed_dim: int, hidden: int = 0) -> None:
         super().__init__()
@@ -63,11 +64,16 @@ class ContrastiveHead(nn.Module):
         self.modalities = list(dims)
         self.config = {"loss": cfg["loss"], "modalities": self.modalities, "dims": dict(dims),
                        "embed_dim": int(cfg["embed_dim"]), "proj_hidden": int(cfg.get("proj_hidden") or 0),
-                       "max_logit_scale": float(cfg.get("max_logit_scale") or 100.0)}
-        self.proj = nn.ModuleDict({m: Projection(d, self.config["embed_dim"], self.config["proj_hidden"])
+                       "max_logit_scale": float(cfg.get("max_logit_scale") or 100.0),
+                       "identity": list(cfg.get("identity") or [])}
+        # towers that already end in the shared space (an open_clip tower's own projection) keep it
+        self.proj = nn.ModuleDict({m: nn.Identity() if m in self.config["identity"]
+                                   else Projection(d, self.config["embed_dim"], self.config["proj_hidden"])
                                    for m, d in dims.items()})
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / float(cfg.get("init_temperature") or 0.07))),
-                                      requires_grad=bool(cfg.get("learn_scale", True)))
+        # only what the loss uses may require gradients: DDP fails on trainable parameters without any
+        init_scale = cfg.get("init_logit_scale") or 1.0 / float(cfg.get("init_temperature") or 0.07)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(float(init_scale))),
+                                      requires_grad=cfg["loss"] == "clip" and bool(cfg.get("learn_scale", True)))
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(float(cfg.get("inv_tau") or 30.0))),
                                         requires_grad=bool(cfg.get("learn_inv_tau", False)))
         self.log_beta = nn.Parameter(torch.tensor(math.log(float(cfg.get("beta") or 8.0))),
@@ -94,11 +100,25 @@ class ContrastiveHead(nn.Module):
         clamp_log_scale_(self.log_inv_tau, MAX_LOG_SCALE)
 
 
+def _open_clip_logit_scale(tower_cfgs: Any) -> float | None:
+    """exp(logit_scale) of the first open_clip weights file among the towers, if one was given."""
+    from mmssl.towers.open_clip import read_state_dict
+
+    for oc in tower_cfgs:
+        src = oc.get("weights") or oc.get("initialised_from")
+        if src and Path(src).exists():
+            sd = read_state_dict(src)
+            if "logit_scale" in sd:
+                return float(sd["logit_scale"].float().exp())
+    return None
+
+
 class Contrastive(Objective):
     """Two towers, their projections and a contrastive loss (module docstring)."""
 
     num_modalities = 2
     loss_name = "clip"
+    bucket_by_length = False  # in-batch negatives need i.i.d. batches (see Objective.bucket_by_length)
 
     def __init__(self, encoders: dict[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -107,7 +127,21 @@ class Contrastive(Objective):
         self.cfg = dict(cfg)
         self.pair = list(encoders)
         self.gather = bool(cfg.get("gather", True))
+        for enc in encoders.values():  # contrastive objectives never mask: no gradient reaches it
+            if isinstance(getattr(enc, "mask_embedding", None), nn.Parameter):
+                enc.mask_embedding.requires_grad_(False)
         head_cfg = dict(cfg, loss=self.loss_name, embed_dim=int(cfg.get("embed_dim") or 256))
+        # an open_clip tower ends in its model's shared space: no second projection, the other tower maps
+        # into that space, and a weights file's logit scale is the starting one
+        library = {m: e.config["open_clip"] for m, e in encoders.items() if "open_clip" in getattr(e, "config", {})}
+        if library:
+            dims = {int(encoders[m].dim) for m in library}
+            if len(dims) > 1:
+                raise ValueError(f"the open_clip towers {sorted(library)} end in spaces of different widths {sorted(dims)}")
+            head_cfg.update(embed_dim=dims.pop(), identity=sorted(library))
+            scale = _open_clip_logit_scale(library.values())
+            if scale is not None:
+                head_cfg["init_logit_scale"] = scale
         self.head = ContrastiveHead({m: int(e.dim) for m, e in encoders.items()}, head_cfg)
 
     @classmethod

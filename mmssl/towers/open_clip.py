@@ -196,6 +196,10 @@ class TowerInputs:
     def num_tokens(self, batch: Batch) -> torch.Tensor:
         return self._delegate.num_tokens(batch)
 
+    def probe_variants(self) -> dict[str, Any]:
+        """No named views of the data (the linear probe's hook; see ModalityAdapter.probe_variants)."""
+        return {}
+
     def preprocessing(self) -> dict[str, Any]:
         return dict(self._preprocessing)
 

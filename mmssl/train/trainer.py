@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
@@ -83,6 +84,19 @@ class Trainer:
                 raise ValueError(f"init={path}: the {m} encoder does not match this model "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
             self._say(f"[mmssl] initialised the {m} encoder from {src.source}")  # type: ignore[attr-defined]
+        # the objective's heads too where the source run has them and they fit (a contrastive run's shared
+        # space: its projections and temperature); others start fresh
+        for name, head in self.objective.heads().items():
+            f = Path(path) / "heads" / f"{name}.safetensors"
+            if not f.exists():
+                continue
+            state = load_file(str(f))
+            mine = head.state_dict()
+            if set(state) == set(mine) and all(state[k].shape == mine[k].shape for k in state):
+                head.load_state_dict(state)
+                self._say(f"[mmssl] initialised the {name} head from {f}")
+            else:
+                self._say(f"[mmssl] {f} does not fit this objective's {name} head: it starts fresh")
 
     def _export(self, which: str, step: int) -> None:
         for m, tower in self.objective.encoders.items():
@@ -162,7 +176,7 @@ class Trainer:
         n_roles = max(workers, 1)
         stream = TrainStream(self.source, int(t["batch_size"]), self.max_len, int(t["seed"]), self.dist.rank,
                              n_roles, role_shift=consumed % n_roles, start={k: tuple(v) for k, v in roles.items()},
-                             on_error=self.cfg["data"].get("on_error", "skip"))
+                             on_error=self.cfg["data"].get("on_error", "skip"), bucket=obj.bucket_by_length)
         loader = iter(train_loader(stream, workers))
 
         warmup = int(t.get("warmup_steps", 0))
