@@ -297,11 +297,13 @@ def equivalence_check(shape: str, device: torch.device, b: int, text_len: int, s
         towers = {m: build_encoder({"format_version": 1, "modality": m, "size": shape,
                                     "open_clip": {**tower_source(shape), "weights": str(wpath)}})
                   for m in ("image", "text")}
-    obj = build_objective("clip", {**mmssl_configs(shape)["objective"], "embed_dim": E}, towers)
-    with torch.no_grad():
-        for m in ("image", "text"):
-            obj.head.proj[m].net.weight.copy_(torch.eye(E))
-        obj.head.log_scale.copy_(ref.logit_scale.detach())
+        # open_clip towers end in their model's shared space: the objective adds no projection and starts
+        # from the weights file's logit scale
+        obj = build_objective("clip", {**mmssl_configs(shape)["objective"], "embed_dim": E}, towers)
+    if not all(isinstance(obj.head.proj[m], torch.nn.Identity) for m in ("image", "text")):
+        raise AssertionError("open_clip towers got a second projection")
+    if not torch.allclose(obj.head.log_scale.detach(), ref.logit_scale.detach()):
+        raise AssertionError("the objective did not start from the weights file's logit scale")
     ref, obj = ref.to(device).train(), obj.to(device).train()
     imgs, ids = make_pairs(b, shape, text_len, device, seed + 2)
     loss_fn = open_clip.loss.ClipLoss()
