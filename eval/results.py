@@ -28,3 +28,11 @@ def write_result(out: str | Path, name: str, result: dict[str, Any],
     write_text(path, json.dumps(result, indent=2))
     plot(result, out / f"{name}.png")
     return path
+
+
+def pair_init_label(init: Any) -> str:
+    """What a contrastive run's step-0 pair is: "step0", unless a tower started from a weights file."""
+    from mmssl.eval.features import step0_label
+
+    labels = {step0_label(e) for e in getattr(init, "encoders", {}).values()} - {"step0"}
+    return "; ".join(sorted(labels)) or "step0"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.loader import DataSource, iter_split
-from mmssl.eval.results import write_result
+from mmssl.eval.results import pair_init_label, write_result
 from mmssl.eval.stats import bootstrap_ci
 
 # Queries per chunk are chosen so the [chunk, n] similarity matrix stays near this many elements
@@ -248,7 +248,7 @@ def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: di
 
     result: dict[str, Any] = {
         "evaluator": "retrieval", "modality": f"{a}+{b}", "modalities": [a, b], "encoder": str(path),
-        "data": str(source.root), "random_init_source": _init_label(init), "split": split, "ks": ks,
+        "data": str(source.root), "random_init_source": pair_init_label(init), "split": split, "ks": ks,
         "key": key_kind,
         "key_note": ("a hit is any gallery item whose caption (token ids as the text tower reads them) equals "
                      "the query's" if key_kind == "caption" else
@@ -316,11 +316,3 @@ def plot_retrieval(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _init_label(init: Any) -> str:
-    """What the step-0 pair is: "step0", unless a tower started from a weights file (not random)."""
-    from mmssl.eval.features import step0_label
-
-    labels = {step0_label(e) for e in getattr(init, "encoders", {}).values()} - {"step0"}
-    return "; ".join(sorted(labels)) or "step0"

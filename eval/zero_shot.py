@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.loader import DataSource, iter_split
-from mmssl.eval.results import write_result
+from mmssl.eval.results import pair_init_label, write_result
 from mmssl.eval.stats import summarise
 
 TEXT = "text"
@@ -149,7 +149,7 @@ def run_zero_shot(path: str | Path, out: str | Path, source: DataSource, cfg: di
     counts = torch.bincount(labels, minlength=C)
     result: dict[str, Any] = {
         "evaluator": "zero_shot", "modality": other, "modalities": list(pair.modalities), "encoder": str(path),
-        "data": str(source.root), "random_init_source": _init_label(init), "split": split,
+        "data": str(source.root), "random_init_source": pair_init_label(init), "split": split,
     }
     for prefix, p in (("", pair), ("random_init_", init)):
         pred = zero_shot_predict(items[prefix], class_text_embeddings(p, TEXT, classes, prompts, device).cpu())
@@ -196,11 +196,3 @@ def plot_zero_shot(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _init_label(init: Any) -> str:
-    """What the step-0 pair is: "step0", unless a tower started from a weights file (not random)."""
-    from mmssl.eval.features import step0_label
-
-    labels = {step0_label(e) for e in getattr(init, "encoders", {}).values()} - {"step0"}
-    return "; ".join(sorted(labels)) or "step0"
