@@ -76,9 +76,9 @@ def probe_variants(enc: Encoder, init: Encoder, source: DataSource, splits: list
     variant selection on validation): name -> accuracy and its random-init twin."""
     out: dict[str, dict[str, Any]] = {}
     for name, transform in enc.adapter.probe_variants().items():
-        def feats(e: Encoder) -> Splits:
+        def feats(e: Encoder, variant: tuple[str, Any] = (name, transform)) -> Splits:
             return tuple(encoder_features(e, source, s, device, batch_size, layers, pools, size, False, root,
-                                          variant=(name, transform)) for s in splits)  # type: ignore[return-value]
+                                          variant=variant) for s in splits)  # type: ignore[return-value]
 
         trained, rand = feats(enc), feats(init)
         keys = [k for k in (feature_key(layer, p) for layer in layers for p in pools) if k in trained[0].feats]

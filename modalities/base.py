@@ -12,7 +12,6 @@ from torch import nn
 
 from mmssl.types import Batch, Tokens
 
-
 #: a probe variant's batch transform: batch -> (the altered batch, which items it keeps [B] bool)
 ProbeTransform = Callable[[Batch], tuple[Batch, torch.Tensor]]
 

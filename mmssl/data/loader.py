@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -20,7 +21,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmssl.data.shards import BadSample, load_meta, read_samples, split_paths
 from mmssl.registry import MODALITIES, PRESETS
 from mmssl.types import Batch
-
 
 #: an input size (image side, text context, audio samples) for every modality, or one per modality
 MaxLen = int | None | dict[str, int | None]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
