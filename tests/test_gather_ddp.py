@@ -3,12 +3,11 @@ full global-batch loss on every rank, DDP gradient averaging -> the loss and par
 process on the whole batch. Also checks that a gather without gradients does not get there.
 
 The workers are this file run as a script (``python tests/test_gather_ddp.py OUT``) with RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, and write their results to OUT/rank{r}.pt."""
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set by torchrun, and write their results to OUT/rank{r}.pt."""
 from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,23 +84,14 @@ def _worker(out_dir: Path) -> None:
     shutdown(info)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gather_with_grad_ddp_equals_single_process(tmp_path: Path) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out[-3000:]
+    # torchrun, as a user launches it: --standalone rendezvous picks its own free port (a port chosen
+    # here and released before the workers bind it was a race, and raw env rendezvous hung once in CI)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           __file__, str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
     # the reference: one process, the whole batch, no gather
     xa, xb = global_batch()
