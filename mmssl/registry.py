@@ -45,7 +45,8 @@ OBJECTIVES = Registry("objective")
 PRESETS = Registry("data preset")
 
 _BUILTINS = ("mmssl.modalities.speech", "mmssl.modalities.image", "mmssl.modalities.text",
-             "mmssl.modalities.pairs", "mmssl.objectives.hubert", "mmssl.objectives.mae",
+             "mmssl.modalities.pairs", "mmssl.modalities.point", "mmssl.modalities.eeg",
+             "mmssl.modalities.mri", "mmssl.objectives.hubert", "mmssl.objectives.mae",
              "mmssl.objectives.contrastive")
 _loaded = False
 
