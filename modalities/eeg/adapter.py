@@ -121,7 +121,8 @@ class EEGAdapter(ModalityAdapter):
         return float(rates)
 
     def signal(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (signals [B, C, T'] float at the model's rate, lengths [B] in samples at that rate)."""
+        """-> (signals [B, C, T'] float at the model's rate, lengths [B] in samples at that rate): whole
+        recordings resampled at once, for the classical features; tokens use ``_patches``."""
         self._check(batch)
         x, lens = batch["eeg"].float(), batch["eeg_len"].long()
         rate = self._rate(batch)
@@ -131,20 +132,31 @@ class EEGAdapter(ModalityAdapter):
         return x, lens
 
     def _patches(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """-> (patches [B, C, Tp, P], patch counts [B], Tp). A recording shorter than one patch gives one
-        zero-filled patch; a tail shorter than a patch is dropped."""
-        x, lens = self.signal(batch)
+        """-> (patches [B, C, Tp, P] at the model's rate, patch counts [B], Tp). A recording shorter than
+        one patch gives one zero-filled patch; a tail shorter than a patch is dropped.
+
+        A batch at another rate is cut into patches of the same duration at its own rate first
+        (``round(P * rate / sample_rate)`` samples each) and every patch is resampled on its own: a
+        resampling filter run over the whole recording would mix each hidden patch's samples into the
+        edges of its visible neighbours (a leak under masking)."""
+        self._check(batch)
+        x, lens = batch["eeg"].float(), batch["eeg_len"].long()
+        rate = self._rate(batch)
         P = self.patch
-        n_t = (lens // P).clamp_min(1)
+        n_in = P if rate == self.sample_rate else max(1, round(P * rate / self.sample_rate))
+        n_t = (lens // n_in).clamp_min(1)
         Tp = int(n_t.max()) if n_t.numel() else 1
-        need = Tp * P
+        need = Tp * n_in
         # zero everything past each recording's length: padding never enters a real patch
         t = torch.arange(x.shape[-1], device=x.device)
         x = x * (t[None, :] < lens[:, None])[:, None, :].to(x.dtype)
         if x.shape[-1] < need:
             x = torch.nn.functional.pad(x, (0, need - x.shape[-1]))
         B, C = x.shape[:2]
-        return x[..., :need].reshape(B, C, Tp, P), n_t, Tp
+        patches = x[..., :need].reshape(B, C, Tp, n_in)
+        if n_in != P:  # n_in samples -> P samples, each patch alone
+            patches = resample(patches, float(n_in), float(P))[..., :P]
+        return patches, n_t, Tp
 
     def _pad(self, batch: Batch, n_t: torch.Tensor, Tp: int) -> torch.Tensor:
         chan = batch["eeg_chan_mask"].bool()

@@ -22,9 +22,12 @@ Normalisation, per recording, of the crop the model sees: each channel's median 
 whole recording is divided by one robust scale, the median over channels of each channel's
 ``1.4826 * MAD`` (a robust standard deviation; flat channels left out), and clipped to +-``CLIP``. One scale per recording,
 not per channel, keeps the topography (which electrodes are stronger) that lateralised rhythms show
-in; medians keep a flat or a wild channel from setting it. It happens in the data pipeline, before
-any masking, so no hidden patch's content can reach visible tokens through statistics. Filtering is
-left to the user's preprocessing before packing."""
+in; medians keep a flat or a wild channel from setting it. It happens in the data pipeline, on the
+whole crop, so (as with per-utterance normalisation of speech, or an STFT's overlapping windows in
+audio MAE) a hidden patch's content moves these two robust statistics, and through the collate's
+resampling of lower-rate items a few edge samples of its neighbours, a little; it never reaches a
+visible token otherwise. The adapter's own resampling to the model's rate works patch by patch, so it
+adds nothing. Filtering is left to the user's preprocessing before packing."""
 from __future__ import annotations
 
 import io
@@ -111,6 +114,8 @@ def coordinates(names: list[str], pos: np.ndarray | None, name: str) -> np.ndarr
 
 def _item(data: np.ndarray, names: list[str], rate: float, pos: np.ndarray | None, name: str) -> dict[str, Any]:
     data = np.asarray(data)
+    if data.dtype.kind not in "biuf":  # strings, objects, complex numbers: no silent conversion
+        raise BadSample(f"wrong_dtype: {name}: samples of dtype {data.dtype}, not real numbers")
     if data.dtype != np.float16:
         data = data.astype(np.float32)
     if data.ndim != 2:
@@ -135,10 +140,14 @@ def read_npz(path: str) -> dict[str, Any]:
         if k not in arrays:
             raise BadSample(f"missing_field: {name}: no array {k!r} (an .npz needs data [C, T], ch_names [C], "
                             f"sfreq; pos [C, 3] optional)")
-    sfreq = np.asarray(arrays["sfreq"], dtype=np.float64)
+    try:
+        sfreq = np.asarray(arrays["sfreq"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadSample(f"bad_rate: {name}: sfreq is not a number ({arrays['sfreq']!r})") from None
     if sfreq.size != 1:
         raise BadSample(f"bad_rate: {name}: sfreq must be one number, got shape {sfreq.shape}")
-    names = [str(n) for n in np.asarray(arrays["ch_names"]).reshape(-1).tolist()]
+    names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)  # an S-dtype array holds bytes
+             for n in np.asarray(arrays["ch_names"]).reshape(-1).tolist()]
     pos = arrays.get("pos")
     return _item(arrays["data"], names, float(sfreq.reshape(())), None if pos is None else pos, name)
 

@@ -115,6 +115,9 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         raise BadSample(f"not_3d: {path.name}: volume of shape {data.shape}")
     if min(data.shape) < 1:
         raise BadSample(f"empty: {path.name}: volume of shape {data.shape}")
+    if np.isinf(data).any():  # an overflowed or corrupt volume: z-scoring would zero every other voxel
+        raise BadSample(f"non_finite: {path.name}: infinite voxels")
+    # NaN is background (some pipelines write NaN outside the brain mask): 0, like every other background
     return np.nan_to_num(data), np.asarray(img.affine, dtype=np.float64), tuple(float(z) for z in img.header.get_zooms()[:3])
 
 

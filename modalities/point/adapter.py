@@ -16,7 +16,9 @@ Pipeline per batch, all batched torch (on the GPU when the batch is there):
 Padding: points after ``point_len`` never become centres nor neighbours; a cloud with fewer than G
 points has fewer tokens (the rest are padding), one with fewer than k points repeats its nearest
 neighbour. Group embeddings use LayerNorm where Point-MAE uses BatchNorm: batch statistics would
-carry hidden groups' content into visible tokens during training. Positions are the centres, as in
+carry hidden groups' content into visible tokens during training. What stays, as in Point-MAE: the
+centroid, the scale and the farthest point order are computed from the whole cloud before masking, and
+k-nearest-neighbour groups overlap, so a visible group may hold points near a hidden centre. Positions are the centres, as in
 Point-MAE: they reveal where hidden groups are, never what they hold."""
 from __future__ import annotations
 

@@ -110,6 +110,8 @@ def _ply_header(data: bytes, name: str) -> tuple[str, list[tuple[str, int, list[
         if w[0] == "format" and len(w) >= 2:
             fmt = w[1]
         elif w[0] == "element" and len(w) == 3:
+            if not w[2].isdigit():
+                raise BadSample(f"unreadable: {name}: bad PLY element count in {line!r}")
             elements.append((w[1], int(w[2]), []))
         elif w[0] == "property" and elements:
             if w[1] == "list" and len(w) == 5:

@@ -312,14 +312,18 @@ def _micro():
     return build_encoder(encoder_config("eeg", "micro", _eeg_cfg(), objective="mae")).eval()
 
 
-@pytest.mark.parametrize("mode", ["drop", "replace"])
-def test_hidden_patches_do_not_leak(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "rate"), [("drop", 128.0), ("replace", 128.0), ("drop", 200.0)])
+def test_hidden_patches_do_not_leak(mode: str, rate: float) -> None:
+    """At the model's rate (128 Hz for micro) and at another one, which the adapter resamples patch by
+    patch: a filter over the whole recording would carry hidden samples into visible patches."""
     enc = _micro()
     ad = enc.adapter
-    batch = _batch(_item(list(montage.STANDARD_1020_19), T=256), _item(list(montage.STANDARD_1010_32), T=256, seed=3))
+    T = int(2 * rate)  # two 1 s patches
+    batch = _batch(_item(list(montage.STANDARD_1020_19), T=T, rate=rate),
+                   _item(list(montage.STANDARD_1010_32), T=T, rate=rate, seed=3))
     tokens = ad.tokenize(batch)
     mask = ad.make_mask(tokens, 0.6, torch.Generator().manual_seed(0))
-    P, Tp = ad.patch, 2
+    P, Tp = T // 2, 2  # samples per patch at the batch's rate
     hidden = mask.view(2, 32, Tp, 1).expand(2, 32, Tp, P).reshape(2, 32, Tp * P)  # sample-level mask
     changed = dict(batch, eeg=torch.where(hidden, torch.randn_like(batch["eeg"]) * 5, batch["eeg"]))
     assert not torch.equal(changed["eeg"], batch["eeg"])
@@ -439,3 +443,19 @@ def test_modality_config() -> None:
     assert (base.sample_rate, base.patch, base.window_ms) == (200.0, 200, 4000)
     pre = build_encoder(micro).adapter.preprocessing()
     assert pre["max_len"] == 2000 and pre["sample_rate"] == 128.0
+
+
+def test_npz_with_odd_types_is_read_or_refused_clearly(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).normal(0, 10, (3, 300)).astype(np.float32)
+    # channel names stored as a bytes (S) array are names, not "b'Cz'"
+    np.savez(tmp_path / "bytes.npz", data=data, ch_names=np.array([b"Cz", b"Pz", b"Oz"]), sfreq=250)
+    assert CODEC.read_file(str(tmp_path / "bytes.npz"))["ch_names"] == ["Cz", "Pz", "Oz"]
+    np.savez(tmp_path / "text.npz", data=data.astype(str), ch_names=np.array(["Cz", "Pz", "Oz"]), sfreq=250)
+    with pytest.raises(BadSample, match="^wrong_dtype: text.npz"):
+        CODEC.read_file(str(tmp_path / "text.npz"))
+    np.savez(tmp_path / "cplx.npz", data=data + 1j, ch_names=np.array(["Cz", "Pz", "Oz"]), sfreq=250)
+    with pytest.raises(BadSample, match="^wrong_dtype: cplx.npz"):
+        CODEC.read_file(str(tmp_path / "cplx.npz"))
+    np.savez(tmp_path / "rate.npz", data=data, ch_names=np.array(["Cz", "Pz", "Oz"]), sfreq="fast")
+    with pytest.raises(BadSample, match="^bad_rate: rate.npz"):
+        CODEC.read_file(str(tmp_path / "rate.npz"))

@@ -361,3 +361,19 @@ def test_reconstruct_a_missing_contrast_end_to_end(tmp_path: Path, cache_dir: Pa
                                 "contrasts=t2"]) == 0
     r3 = reconstruct(run, case, tmp_path / "out4", contrasts=["t2"])
     assert set(r3["mse"]) == {"t2"} and np.isfinite(r3["mse"]["t2"]) and (tmp_path / "out3" / "t2.nii.gz").exists()
+
+
+def test_infinite_voxels_are_a_bad_sample_and_nan_is_background(tmp_path: Path) -> None:
+    vol = np.zeros((6, 6, 6), dtype=np.float32)
+    vol[1:5, 1:5, 1:5] = np.arange(64, dtype=np.float32).reshape(4, 4, 4) + 1
+    case = tmp_path / "case"
+    nan = vol.copy()
+    nan[0, 0, 0] = np.nan
+    write_nifti(nan, case / "t1.nii.gz", np.eye(4))
+    item = read_case(case, ("t1", "t1ce", "t2", "flair"), side=8)
+    assert np.isfinite(item["mri"]).all() and item["mri_present"].tolist() == [True, False, False, False]
+    bad = vol.copy()
+    bad[2, 2, 2] = np.inf
+    write_nifti(bad, case / "t1.nii.gz", np.eye(4))
+    with pytest.raises(BadSample, match="^non_finite: t1.nii.gz"):
+        read_case(case, ("t1", "t1ce", "t2", "flair"), side=8)

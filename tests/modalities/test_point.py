@@ -439,3 +439,8 @@ def test_modality_config_and_end_to_end_mae_step() -> None:
     assert enc.adapter.group_embed.first[0].weight.grad.abs().sum() > 0
     assert enc.adapter.pos_embed[0].weight.grad.abs().sum() > 0
     assert float(out.metrics["mask_fraction"]) == pytest.approx(1 - int(32 * 0.4) / 32, abs=0.05)
+
+
+def test_ply_with_a_bad_element_count_is_a_bad_sample() -> None:
+    with pytest.raises(BadSample, match="^unreadable: b.ply: bad PLY element count"):
+        read_ply(b"ply\nformat ascii 1.0\nelement vertex x3\nproperty float x\nend_header\n1\n", "b.ply")
