@@ -90,3 +90,14 @@ class ModalityAdapter(nn.Module, ABC):
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing this adapter expects, written into an export's config.json."""
         return {}
+
+
+def local_view_side(side: int, patch: int, local_size: int | None) -> int:
+    """Side of a local (multi-crop) view of a patched grid: ``local_size`` when set (a multiple of
+    ``patch``), else half of ``side`` rounded down to whole patches, at least one patch."""
+    if local_size is not None:
+        s = int(local_size)
+        if s % patch:
+            raise ValueError(f"views.local_size {s} is not divisible by the patch size {patch}")
+        return s
+    return max(patch, (side // 2) // patch * patch)

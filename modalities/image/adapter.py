@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.base import ModalityAdapter, local_view_side
 from torch import nn
 from torchvision.transforms import v2
 
@@ -208,13 +208,7 @@ class ImageAdapter(ModalityAdapter):
 
     # -- views ----------------------------------------------------------------------------------------
     def _local_side(self, side: int) -> int:
-        p = self.patch_size
-        if self.view_cfg["local_size"] is not None:
-            s = int(self.view_cfg["local_size"])
-            if s % p:
-                raise ValueError(f"views.local_size {s} is not divisible by the patch size {p}")
-            return s
-        return max(p, (side // 2) // p * p)
+        return local_view_side(side, self.patch_size, self.view_cfg["local_size"])
 
     def _transform(self, size: tuple[int, int], scale: tuple[float, float]) -> v2.Transform:
         v = self.view_cfg

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.base import ModalityAdapter, local_view_side
 from mmssl.modalities.mri.data import DEFAULT_CONTRASTS, MRICodec
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
@@ -297,13 +297,7 @@ class MRIAdapter(ModalityAdapter):
         return out * present[:, :, None, None, None].to(out.dtype)
 
     def _local_side(self, side: int) -> int:
-        p = self.patch_size
-        if self.view_cfg["local_size"] is not None:
-            s = int(self.view_cfg["local_size"])
-            if s % p:
-                raise ValueError(f"views.local_size {s} is not divisible by the patch size {p}")
-            return s
-        return max(p, (side // 2) // p * p)
+        return local_view_side(side, self.patch_size, self.view_cfg["local_size"])
 
     def views(self, batch: Batch, n_global: int, n_local: int) -> list[Batch]:
         """``n_global`` augmented views at the batch's size, then ``n_local`` random sub-cubes (a
