@@ -15,7 +15,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["pretrain", "modality=klingon"], "unknown modality 'klingon'; choose one of: image, speech, text"),
+    (["pretrain", "modality=klingon"], "unknown modality 'klingon'; choose one of: eeg, image, mri, point, speech, text"),
     (["pretrain", "objective=telepathy"], "unknown objective 'telepathy'; choose one of: clap, clip, cloob, hubert, mae"),
     (["pretrain", "trainer.bogus=1"], "unknown key 'trainer.bogus'"),
     (["pretrain", "nonsense=3"], "unknown key 'nonsense'"),
@@ -35,7 +35,7 @@ def test_errors_are_one_line_with_exit_2(args: list[str], needle: str, capsys: p
 def test_error_from_a_real_process_has_no_traceback() -> None:
     r = run_cli("pretrain", "modality=klingon", "objective=hubert")
     assert r.returncode == 2
-    assert r.stderr.strip() == "mmssl: error: unknown modality 'klingon'; choose one of: image, speech, text"
+    assert r.stderr.strip() == "mmssl: error: unknown modality 'klingon'; choose one of: eeg, image, mri, point, speech, text"
 
 
 def test_unsupported_pair_names_the_supported_ones(capsys: pytest.CaptureFixture) -> None:
