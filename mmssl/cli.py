@@ -121,6 +121,7 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
     want = cfg.trainer.device
     kind = "cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available())) else "cpu"
     info = init_distributed(kind)
+    finished = False
     try:
         _set_threads(cfg.trainer.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         run_dir = cfg.run_dir
@@ -161,9 +162,10 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
             print(f"[mmssl] done: {result['step']} steps, {result['skipped_steps']} skipped steps, "
                   f"{result['skipped_samples']} skipped samples; encoders in {run_dir / 'encoders'}",
                   file=sys.stderr)
+        finished = True
         return run_dir
     finally:
-        shutdown(info)
+        shutdown(info, wait_for_peers=finished)  # after an error a peer may never arrive: no barrier
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
