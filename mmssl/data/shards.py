@@ -69,6 +69,23 @@ def split_paths(root: Path, split: str) -> list[Path]:
     return [Path(root) / split / n for n in meta["splits"][split]["shards"]]
 
 
+def write_labelled_splits(out: Path, sizes: dict[str, int], items: Callable[[str, int], Iterable[tuple[dict[str, Any], int]]],
+                          meta: dict[str, Any]) -> None:
+    """An embedded preset's shards: for each split, ``items(split, n)`` yields (encoded fields, label);
+    each becomes a sample keyed by its index (``cls`` the label, ``sid`` the index), written into 8
+    train shards or 2 for other splits (never more shards than items); then ``meta.json`` with each
+    split's shards and count filled in."""
+    meta.setdefault("splits", {})
+    for split, n in sizes.items():
+        def samples(split: str = split, n: int = n) -> Iterator[dict[str, Any]]:
+            for i, (fields, label) in enumerate(items(split, n)):
+                yield {**fields, "__key__": f"{i:08d}", "cls": str(label).encode(), "sid": str(i).encode()}
+
+        shards = write_split(samples(), out / split, num_shards=min(8 if split == "train" else 2, max(n, 1)))
+        meta["splits"][split] = {"shards": shards, "count": n}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
 def build_atomically(root: Path, build: Callable[[Path], None]) -> Path:
     """Create a data set folder once: under a file lock, into a temporary folder, renamed when whole.
     Other processes (DDP ranks, parallel tests) wait on the lock and then find it finished."""

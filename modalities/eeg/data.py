@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from mmssl.data.shards import BadSample, build_atomically, write_split
+from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.modalities.eeg import montage
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
@@ -282,18 +282,10 @@ class _SynthPreset:
             "name": self.name, "modality": "eeg", "generator_version": synth.GENERATOR_VERSION, "seed": seed,
             "classes": list(synth.CLASSES), "sample_rate": synth.RATE, "seconds": synth.SECONDS,
             "montage_family": self.family, "splits": {}, "bad_samples": {}}
-        for split, n in sizes.items():
-            def samples(split: str = split, n: int = n) -> Any:
-                for i, r in enumerate(synth.generate(split, n=n, seed=seed, family=self.family)):
-                    item = {"eeg": r.data.astype(np.float16), "eeg_pos": montage.positions(r.ch_names),
-                            "eeg_rate": r.rate, "ch_names": r.ch_names}
-                    s = codec.encode(item)
-                    s.update({"__key__": f"{i:08d}", "cls": str(r.label).encode(), "sid": str(i).encode()})
-                    yield s
-
-            shards = write_split(samples(), out / split, num_shards=8 if split == "train" else 2)
-            meta["splits"][split] = {"shards": shards, "count": n}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_labelled_splits(out, sizes, lambda split, n: (
+            (codec.encode({"eeg": r.data.astype(np.float16), "eeg_pos": montage.positions(r.ch_names),
+                           "eeg_rate": r.rate, "ch_names": r.ch_names}), r.label)
+            for r in synth.generate(split, n=n, seed=seed, family=self.family)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"{self.name}-v{self.version}-seed{seed}"

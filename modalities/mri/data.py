@@ -18,7 +18,6 @@ grid volume (a reconstruction) back to the case's own voxels and ``write_nifti``
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmssl.data.shards import BadSample, build_atomically, write_split
+from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
 
@@ -382,16 +381,9 @@ class MRISynthPreset:
         meta: dict[str, Any] = {"name": "mri-synth", "modality": "mri", "generator_version": synth.GENERATOR_VERSION,
                                 "seed": seed, "classes": list(synth.CLASSES), "contrasts": list(synth.CONTRASTS),
                                 "volume_size": synth.SIZE, "splits": {}, "bad_samples": {}}
-        for split, n in sizes.items():
-            def samples(split: str = split, n: int = n) -> Any:
-                for i, case in enumerate(synth.generate(split, n=n, seed=seed)):
-                    s = codec.encode({"mri": case.volumes, "mri_present": case.present})
-                    s.update({"__key__": f"{i:08d}", "cls": str(case.label).encode(), "sid": str(i).encode()})
-                    yield s
-
-            shards = write_split(samples(), out / split, num_shards=min(8 if split == "train" else 2, max(n, 1)))
-            meta["splits"][split] = {"shards": shards, "count": n}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_labelled_splits(out, sizes, lambda split, n: (
+            (codec.encode({"mri": c.volumes, "mri_present": c.present}), c.label)
+            for c in synth.generate(split, n=n, seed=seed)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"mri-synth-v{self.version}-seed{seed}"

@@ -8,6 +8,7 @@ number of distinct captions per split under ``captions``."""
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -54,21 +55,21 @@ def write_pairs(out: Path, meta: dict[str, Any],
     return meta
 
 
-class _PairPreset:
+class _PairPreset(ABC):
     """What both pair presets share: sizes, the cache folder, the build through ``write_pairs``."""
 
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, str]]
     version: ClassVar[int] = 1
 
+    @abstractmethod
     def generator(self) -> Any:
         """The generator module: ``GENERATOR_VERSION``, ``SPLITS``, ``CLASSES``, ``PROMPTS``,
         ``generate(split, n, seed)`` yielding items with ``caption`` and ``label``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, item: Any) -> dict[str, Any]:
         """A generated item -> the non-text modality's encoded fields."""
-        raise NotImplementedError
 
     def extra_meta(self) -> dict[str, Any]:
         return {}

@@ -14,15 +14,14 @@ subsets. Clouds with fewer points stay whole (padded)."""
 from __future__ import annotations
 
 import io
-import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from mmssl.data.shards import BadSample, build_atomically, write_split
+from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
 
@@ -295,7 +294,6 @@ class PointSynthPreset:
 
     modality = "point"
     version = 1
-    SHARDS: ClassVar[dict[str, int]] = {"train": 8, "val": 2, "test": 2}
 
     def build(self, out: Path, seed: int = 0) -> None:
         from mmssl.modalities.point import synth
@@ -305,16 +303,8 @@ class PointSynthPreset:
                                 "generator_version": synth.GENERATOR_VERSION, "seed": seed,
                                 "classes": list(synth.CLASSES), "points": list(synth.POINTS), "splits": {},
                                 "bad_samples": {}}
-        for split, n in synth.SPLITS.items():
-            def samples(split: str = split) -> Any:
-                for i, c in enumerate(synth.generate(split, seed=seed)):
-                    s = codec.encode({"point": c.points})
-                    s.update({"__key__": f"{i:08d}", "cls": str(c.label).encode(), "sid": str(i).encode()})
-                    yield s
-
-            shards = write_split(samples(), out / split, num_shards=self.SHARDS[split])
-            meta["splits"][split] = {"shards": shards, "count": n}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_labelled_splits(out, synth.SPLITS, lambda split, n: (
+            (codec.encode({"point": c.points}), c.label) for c in synth.generate(split, n=n, seed=seed)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"point-synth-v{self.version}-seed{seed}"
