@@ -31,6 +31,10 @@ class PrepareContext:
     barrier: Callable[[], None] = lambda: None
     log: Callable[[dict[str, Any]], None] = lambda m: None
     info: dict[str, Any] = field(default_factory=dict)
+    #: the run's length in optimizer steps and one pass over the train split in steps (all ranks,
+    #: accumulation included): what step-based schedules (EMA momentum, temperatures) are measured in
+    total_steps: int = 0
+    steps_per_epoch: int = 0
 
 
 class Objective(nn.Module):
@@ -86,8 +90,21 @@ class Objective(nn.Module):
         """Modules exported under ``heads/`` beside the encoders."""
         return {}
 
+    def after_init(self) -> None:
+        """Called once after ``init=`` loaded pretrained weights into the towers (not on resume): EMA
+        teachers copy the new student here."""
+
+    def before_step(self, step: int) -> None:
+        """Called after the gradients are final (clipped) and before the optimizer step: e.g. DINO
+        cancels the last layer's gradients during its first epoch."""
+
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (EMA teachers, schedules)."""
+
+    def exported(self) -> dict[str, nn.Module]:
+        """The encoders written to ``encoders/`` at the end of training (default: the towers, i.e. the
+        students; DINO exports its teacher, as the paper evaluates it)."""
+        return self.encoders
 
     def forward(self, batch: Batch) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise TypeError(f"{type(self).__name__} does not define forward")

@@ -71,10 +71,13 @@ class Trainer:
 
     def _prepare_ctx(self) -> PrepareContext:
         bs = int(self.cfg["data"].get("eval_batch_size", 32))
+        per_step = int(self.t["batch_size"]) * int(self.t.get("grad_accum", 1)) * self.dist.world
+        n_train = int((self.source.meta.get("splits") or {}).get("train", {}).get("count") or 0)
         return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
                               device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
                               data_fingerprint=self.source.fingerprint, is_main=self.dist.is_main,
-                              barrier=lambda: barrier(self.dist))
+                              barrier=lambda: barrier(self.dist), total_steps=int(self.t["max_steps"]),
+                              steps_per_epoch=max(n_train // per_step, 1))
 
     def _load_init(self, path: str) -> None:
         for m, tower in self.objective.encoders.items():
@@ -99,7 +102,7 @@ class Trainer:
                 self._say(f"[mmssl] {f} does not fit this objective's {name} head: it starts fresh")
 
     def _export(self, which: str, step: int) -> None:
-        for m, tower in self.objective.encoders.items():
+        for m, tower in self.objective.exported().items():
             save_encoder(tower, self.run_dir / which / m,
                          extra={"objective": self.objective.name, "step": step})
         # the heads beside them: heads/ with encoders/, heads_init/ (step 0) with encoders_init/
@@ -133,6 +136,7 @@ class Trainer:
                 self._export("encoders_init", 0)
             if self.cfg.get("init"):
                 self._load_init(str(self.cfg["init"]))
+                obj.after_init()
         if self.dist.is_main:
             ckpt.remove_stale_tmp(self.ckpt_root)
         barrier(self.dist)
@@ -223,6 +227,7 @@ class Trainer:
                                         f"check the data, or raise trainer.max_nonfinite")
                 continue
             bad_run = 0
+            obj.before_step(step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             obj.after_step(step)
