@@ -47,7 +47,8 @@ PRESETS = Registry("data preset")
 _BUILTINS = ("mmssl.modalities.speech", "mmssl.modalities.image", "mmssl.modalities.text",
              "mmssl.modalities.pairs", "mmssl.modalities.point", "mmssl.modalities.eeg",
              "mmssl.modalities.mri", "mmssl.objectives.hubert", "mmssl.objectives.mae",
-             "mmssl.objectives.contrastive")
+             "mmssl.objectives.contrastive", "mmssl.objectives.data2vec",
+             "mmssl.objectives.distill")
 _loaded = False
 
 
