@@ -17,10 +17,21 @@ def objective_defaults(modality_cfg: dict[str, Any], objective: str | None) -> d
     """The modality's defaults for one objective (``objectives.<name>`` in its yaml): e.g. MAE's mask
     ratio is 0.75 for images and 0.30 for text. An ``adapter`` entry refines the adapter under that
     objective (speech uses sinusoidal positions under MAE); a ``trainer`` entry sets training keys the
-    command line leaves alone (mmssl.cli.apply_trainer_defaults)."""
+    command line leaves alone (mmssl.cli.apply_trainer_defaults).
+
+    An objective class with ``inherits = "<other>"`` (sd_further: "mae") starts from the other
+    objective's defaults; its own entry, if any, refines them."""
     if not objective:
         return {}
-    return dict(((modality_cfg.get("objectives") or {}).get(objective)) or {})
+    table = modality_cfg.get("objectives") or {}
+    parent = getattr(OBJECTIVES.get(objective), "inherits", None) if objective in OBJECTIVES else None
+    out = objective_defaults(modality_cfg, parent) if parent else {}
+    own = dict(table.get(objective) or {})
+    for k in ("adapter", "trainer"):  # nested entries merge key by key
+        if k in own and k in out:
+            own[k] = {**out[k], **own[k]}
+    out.update(own)
+    return out
 
 
 def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
