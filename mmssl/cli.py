@@ -86,6 +86,57 @@ def apply_trainer_defaults(cfg: Any, mods: list[str], overrides: list[str]) -> N
                 cfg.trainer[k] = v
 
 
+ARCH_KEYS = ("size", "backbone", "adapter", "pool", "num_prefix", "open_clip")
+
+
+def _arch_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Where two encoder configs describe different architectures: 'adapter.position: conv vs sinusoidal'."""
+    return [d.replace(" -> ", " vs ") for d in _diff({k: a.get(k) for k in ARCH_KEYS}, {k: b.get(k) for k in ARCH_KEYS})]
+
+
+def init_tower_config(m: str, init: str, built: dict[str, Any], overrides: list[str], objective: str,
+                      record: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """The config of tower ``m`` of a run started with ``init=PATH``: the source encoder's own config.json
+    (so a HuBERT speech encoder stays a HuBERT encoder under MAE, and the size is the source's), with the
+    command line's explicit ``model.*`` and ``modality.<m>.{adapter,backbone}.*`` keys on top (``built``:
+    what this run's config alone would build). On resume ``record`` (the run's ``encoders_init/``) is
+    read instead of the source, which may have changed since. -> (config, a one-line note or None)."""
+    from mmssl.export import resolve_encoder_dir
+
+    rec = record / m / "config.json" if record is not None else None
+    if rec is not None and rec.exists():
+        src, where = json.loads(rec.read_text()), rec.parent
+    else:
+        where = resolve_encoder_dir(Path(init), m)
+        src = json.loads((where / "config.json").read_text())
+        if src.get("modality") != m:
+            raise UsageError(f"init={init} holds a {src.get('modality')!r} encoder, not {m!r}")
+    cfg = {k: v for k, v in src.items() if k not in ("preprocessing", "objective", "step", "init")}
+    cfg = json.loads(json.dumps(cfg))  # a deep copy
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    for key, value in given.items():
+        if key in ("model", f"modality.{m}.size") and built["size"] != src.get("size"):
+            raise UsageError(f"{key}={value}: with init= the {m} encoder keeps its size ({src.get('size')}, "
+                             f"{where}); remove {key}")
+        head, _, k = key.rpartition(".")
+        if head == "model" and k != "name":
+            cfg["backbone"][k] = built["backbone"][k]
+        elif head in (f"modality.{m}.adapter", f"modality.{m}.backbone"):
+            part = head.rpartition(".")[2]
+            if k in built.get(part, {}):
+                cfg.setdefault(part, {})[k] = built[part][k]
+        elif key in (f"modality.{m}.pool", f"modality.{m}.num_prefix"):
+            cfg[k] = built[k]
+    note = None
+    diff = _arch_diff(cfg, built)
+    if diff:
+        trained = src.get("objective")
+        note = (f"[mmssl] init: the {m} encoder keeps the architecture of {where}"
+                f"{f' (trained with {trained})' if trained else ''}, not the one {objective} would build: "
+                + "; ".join(diff[:4]) + (f"; +{len(diff) - 4} more" if len(diff) > 4 else ""))
+    return cfg, note
+
+
 def to_plain(node: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -141,22 +192,36 @@ def pretrain(overrides: list[str], job_index: int | None = None) -> Path:
         model_over = to_dict(cfg.model)
         mod_cfgs = {m: to_dict(cfg.modality[m]) for m in mods}
         # each tower its own size (modality.<m>.size), else model=
-        encoders = {m: build_encoder(encoder_config(m, mod_cfgs[m].get("size") or cfg.model.name, mod_cfgs[m],
-                                                    model_over, cfg.objective.name))
-                    for m in mods}
+        enc_cfgs = {m: encoder_config(m, mod_cfgs[m].get("size") or cfg.model.name, mod_cfgs[m], model_over,
+                                      cfg.objective.name) for m in mods}
+        if cfg.init:  # continual pretraining: each tower as the source encoder was built
+            record = run_dir / "encoders_init" if cfg.resume else None
+            for m in mods:
+                enc_cfgs[m], note = init_tower_config(m, str(cfg.init), enc_cfgs[m], overrides, cfg.objective.name,
+                                                      record)
+                if note and info.is_main:
+                    print(note, file=sys.stderr)
+        encoders = {m: build_encoder(enc_cfgs[m]) for m in mods}
         objective = build_objective(cfg.objective.name, to_dict(cfg.objective), encoders, mod_cfgs)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.resume or not (run_dir / "config.yaml").exists() or cfg.allow_config_change:
                 OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
             n = sum(p.numel() for p in objective.parameters())
-            print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={cfg.model.name} "
+            size = ("+".join(enc_cfgs[m]["size"] for m in mods) + f" from init={cfg.init}") if cfg.init else cfg.model.name
+            print(f"[mmssl] pretrain {'+'.join(mods)} with {cfg.objective.name}, model={size} "
                   f"({n / 1e6:.2f}M parameters), data={source.root}, run_dir={run_dir}", file=sys.stderr)
         # per tower: the modality config's crop size, else the input size its encoder declares (an image
         # side); a library tower (open_clip) always takes the size it was built for
         max_len = {m: mod_cfgs[m].get("max_len") if mod_cfgs[m].get("max_len") is not None
                    and "open_clip" not in encoders[m].config
                    else encoders[m].config["preprocessing"].get("max_len") for m in mods}
+        if cfg.init:  # a tower built as its source: the source's input size unless the command line sets one
+            given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+            for m in mods:
+                own = encoders[m].config["preprocessing"].get("max_len")
+                if own is not None and f"modality.{m}.max_len" not in given:
+                    max_len[m] = own
         result = Trainer(to_dict(cfg), objective, source, run_dir, info, cache, max_len).fit()
         if info.is_main:
             print(f"[mmssl] done: {result['step']} steps, {result['skipped_steps']} skipped steps, "
@@ -200,6 +265,15 @@ def _default_out(enc_dir: Path) -> Path:
     return enc_dir / "eval"
 
 
+def _first_source(source: Any) -> Any:
+    """Evaluation of a mixture (``data.sources``) reads its first source."""
+    if source.mixture:
+        print(f"[mmssl] data.sources: evaluating on the first source, {source.mixture[0].label} ({source.root})",
+              file=sys.stderr)
+        return source.primary
+    return source
+
+
 def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
     import torch
 
@@ -211,7 +285,8 @@ def _eval_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
     # the encoder names its modality: compose with it, so that modality.<m>.* keys exist
     cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality={modality}"])
     _set_threads(cfg.trainer.threads)
-    source = resolve_source(to_dict(cfg.data), [modality], cfg.modality[modality].get("preset"), cache_dir(cfg))
+    source = _first_source(resolve_source(to_dict(cfg.data), [modality], cfg.modality[modality].get("preset"),
+                                          cache_dir(cfg)))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
     return cfg, source, enc_dir, device
 
@@ -248,7 +323,7 @@ def _pair_setup(args: list[str]) -> tuple[Any, Any, Path, Any]:
             raise UsageError(f"{a.split('=')[0]} describes the encoders, which evaluation reads from {run}; remove it")
     cfg = compose([a for a in args if not a.startswith("modality=")] + [f"modality=[{','.join(mods)}]"])
     _set_threads(cfg.trainer.threads)
-    source = resolve_source(to_dict(cfg.data), mods, None, cache_dir(cfg))
+    source = _first_source(resolve_source(to_dict(cfg.data), mods, None, cache_dir(cfg)))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
     return cfg, source, run, device
 

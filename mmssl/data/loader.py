@@ -5,7 +5,15 @@ role r of rank k reads round after round, round j being one shard drawn with a g
 (seed, rank, role, j), shuffled, bucketed by length into batches. So the stream is a function of
 (seed, step), every rank gets the same number of batches, and a batch's position (role, round, batch
 within round) travels with it, which is all resume needs. webdataset's own node splitter, error
-handler and shard-count check are not used (DESIGN.md "Data")."""
+handler and shard-count check are not used (DESIGN.md "Data").
+
+Several sources (``data.sources=[{...,weight:w}, ...]``, e.g. new data with replay of the old): each
+round first draws the source with the same seeded generator, then one shard of it. Source i is drawn
+with probability proportional to w_i / (mean batches per shard of source i), so w_i / sum(w) is the
+expected fraction of *batches* from source i whatever the sources' shard sizes; the stream is still a
+function of (seed, step) and resume state is unchanged. A mixture's train split is the union of its
+sources' train splits (sample ids offset so they stay unique: per-sample targets such as HuBERT's
+units stay right); validation, test and probes use the first source."""
 from __future__ import annotations
 
 import hashlib
@@ -31,12 +39,28 @@ def _seed(*parts: Any) -> int:
 
 
 @dataclass
+class MixPart:
+    """One source of a mixture: its data (sample ids offset), its weight and a display label."""
+
+    source: DataSource
+    weight: float
+    label: str
+
+
+@dataclass
 class DataSource:
-    """A resolved data set: where its shards are, its meta, the codecs of its modalities."""
+    """A resolved data set: where its shards are, its meta, the codecs of its modalities.
+
+    A mixture (``data.sources``) is the DataSource of its first source with ``mixture`` set: every
+    split but train reads that first source."""
 
     root: Path
     meta: dict[str, Any]
     modalities: list[str]
+    #: added to every sample id (a mixture's parts after the first), and the ids' bound before it
+    sid_offset: int = 0
+    sid_bound: int | None = None
+    mixture: list[MixPart] | None = None
 
     @property
     def codecs(self) -> dict[str, Any]:
@@ -47,7 +71,21 @@ class DataSource:
         """Identifies the data: generated presets by what made them, packed shards also by location."""
         counts = sorted((s, v.get("count")) for s, v in self.meta["splits"].items())
         where = "" if self.meta.get("generator_version") else str(self.root.resolve())
-        return f"{_seed(self.meta.get('name'), self.meta.get('generator_version'), self.meta.get('seed'), counts, where):x}"
+        one = f"{_seed(self.meta.get('name'), self.meta.get('generator_version'), self.meta.get('seed'), counts, where):x}"
+        if not self.mixture:
+            return one
+        # every source (as data, without its id offset) and its weight
+        return f"{_seed('mixture', [(p.source.primary.fingerprint, p.weight) for p in self.mixture]):x}"
+
+    @property
+    def primary(self) -> DataSource:
+        """The data itself without the mixture: the first source (what evaluation reads)."""
+        return DataSource(self.root, self.meta, self.modalities)
+
+    def train_count(self) -> int:
+        """Train items: summed over a mixture's sources."""
+        parts = [p.source for p in self.mixture] if self.mixture else [self]
+        return sum(int((s.meta.get("splits") or {}).get("train", {}).get("count") or 0) for s in parts)
 
     @property
     def num_classes(self) -> int:
@@ -58,9 +96,14 @@ class DataSource:
         for codec in self.codecs.values():
             item.update(codec.decode(raw))
         try:
-            item["sample_id"] = int(raw["sid"])
+            sid = int(raw["sid"])
         except (KeyError, ValueError):
             raise BadSample(f"missing_field: {raw.get('__key__')}: no integer sid") from None
+        if self.sid_bound is not None and not 0 <= sid < self.sid_bound:
+            # a mixture keeps ids unique by offsets from the meta counts; an id outside them would collide
+            raise ValueError(f"{self.root}: sample id {sid} outside 0..{self.sid_bound - 1} (meta.json's train count): "
+                             f"a data set in data.sources needs ids 0..count-1, as `mmssl data pack` writes")
+        item["sample_id"] = sid + self.sid_offset
         if "cls" in raw:
             item["label"] = int(raw["cls"])
         if "fid" in raw:  # the source file of a pair packed with several captions (retrieval groups by it)
@@ -98,10 +141,65 @@ def paired_preset(modalities: list[str]) -> str:
     return names[0]
 
 
+SOURCE_KEYS = ("name", "path", "preset", "seed", "weight", "label")
+
+
 def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str | None,
                    cache_dir: Path) -> DataSource:
     """``data.name=default`` -> the modality's embedded preset (generated on first use);
-    ``data.name=shards data.path=DIR`` -> packed shards."""
+    ``data.name=shards data.path=DIR`` -> packed shards; ``data.sources=[{name:..,weight:..}, ...]`` ->
+    a weighted mixture of such sources (see the module docstring)."""
+    if data_cfg.get("sources"):
+        return resolve_mixture(data_cfg, modalities, preset, cache_dir)
+    return _resolve_one(data_cfg, modalities, preset, cache_dir)
+
+
+def resolve_mixture(data_cfg: dict[str, Any], modalities: list[str], preset: str | None,
+                    cache_dir: Path) -> DataSource:
+    entries = data_cfg["sources"]
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError("data.sources must be a list such as [{name:default,weight:0.8},{name:shards,path:DIR,weight:0.2}]")  # noqa: TRY004
+    parts: list[MixPart] = []
+    offset = 0
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ValueError(f"data.sources[{i}] must be a mapping such as {{name:shards,path:DIR,weight:0.5}}, got {e!r}")  # noqa: TRY004
+        unknown = sorted(set(e) - set(SOURCE_KEYS))
+        if unknown:
+            raise ValueError(f"data.sources[{i}]: unknown key {unknown[0]!r}; keys: {', '.join(SOURCE_KEYS)}")
+        w = e.get("weight", 1.0)
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"data.sources[{i}]: weight must be a number, got {w!r}") from None
+        if not (w > 0 and w < float("inf")):
+            raise ValueError(f"data.sources[{i}]: weight must be a positive number, got {e.get('weight')!r}")
+        if e.get("preset") and e.get("name", "default") != "default":
+            raise ValueError(f"data.sources[{i}]: preset= goes with name=default (an embedded preset), not name={e['name']}")
+        sub = {k: v for k, v in data_cfg.items() if k not in ("sources", "path", "name")}
+        sub.update({k: v for k, v in e.items() if k not in ("weight", "label", "preset")})
+        sub.setdefault("name", "default")
+        try:
+            src = _resolve_one(sub, modalities, e.get("preset") or preset, cache_dir)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+            raise ValueError(f"data.sources[{i}]: {msg}") from None
+        count = int((src.meta.get("splits") or {}).get("train", {}).get("count") or 0)
+        if count <= 0:
+            raise ValueError(f"data.sources[{i}]: {src.root} has no train split to mix")
+        src.sid_offset, src.sid_bound = offset, count
+        offset += count
+        parts.append(MixPart(src, w, str(e.get("label") or src.meta.get("name") or src.root.name)))
+    labels = [p.label for p in parts]
+    for i, p in enumerate(parts):
+        if labels.count(p.label) > 1:  # the same data set twice (e.g. two seeds): tell them apart
+            p.label = f"{p.label}#{i}"
+    first = parts[0].source
+    return DataSource(first.root, first.meta, modalities, mixture=parts)
+
+
+def _resolve_one(data_cfg: dict[str, Any], modalities: list[str], preset: str | None,
+                 cache_dir: Path) -> DataSource:
     name = data_cfg.get("name", "default")
     if name == "default" and len(modalities) > 1:
         root = PRESETS.get(paired_preset(modalities))().ensure(cache_dir, seed=int(data_cfg.get("seed", 0)))
@@ -127,9 +225,32 @@ def resolve_source(data_cfg: dict[str, Any], modalities: list[str], preset: str 
     return DataSource(root, meta, modalities)
 
 
+def batches_per_shard(count: int, num_shards: int, batch_size: int) -> float:
+    """Mean full batches per shard of a split of ``count`` items written round-robin into ``num_shards``."""
+    base, extra = divmod(count, max(num_shards, 1))
+    return sum((base + (k < extra)) // batch_size for k in range(num_shards)) / max(num_shards, 1)
+
+
+def mixture_probs(source: DataSource, batch_size: int) -> torch.Tensor:
+    """Per-round draw probabilities of a mixture's sources: w_i / (mean batches per shard of source i),
+    normalised, so that source i gives a fraction w_i / sum(w) of the batches in expectation."""
+    assert source.mixture
+    rates = []
+    for i, p in enumerate(source.mixture):
+        tr = p.source.meta["splits"]["train"]
+        b = batches_per_shard(int(tr["count"]), len(tr["shards"]), batch_size)
+        if b <= 0:
+            raise ValueError(f"data.sources[{i}] ({p.label}): its train shards hold fewer than one batch of "
+                             f"{batch_size}: pack fewer, larger shards or lower trainer.batch_size")
+        rates.append(p.weight / b)
+    probs = torch.tensor(rates, dtype=torch.float64)
+    return probs / probs.sum()
+
+
 class TrainStream(IterableDataset):
     """Infinite batches of the train split (see module docstring). Batches carry ``_role``,
-    ``_round``, ``_next`` (the role's position after this batch) and ``_bad`` (samples skipped)."""
+    ``_round``, ``_next`` (the role's position after this batch) and ``_bad`` (samples skipped);
+    from a mixture also ``_source`` (the index of the source they came from)."""
 
     def __init__(self, source: DataSource, batch_size: int, max_len: MaxLen, seed: int, rank: int,
                  num_roles: int, role_shift: int = 0, start: dict[int, tuple[int, int]] | None = None,
@@ -140,6 +261,17 @@ class TrainStream(IterableDataset):
         self.start = dict(start or {})
         self.on_error = on_error
         self.shards = split_paths(source.root, "train")
+        self.parts = [(p.source, split_paths(p.source.root, "train")) for p in source.mixture or []]
+        self.probs = mixture_probs(source, batch_size) if source.mixture else None
+
+    def pick(self, g: torch.Generator) -> tuple[int | None, DataSource, Path]:
+        """A round's shard, drawn with the round's generator -> (source index or None, source, shard).
+        A mixture draws the source first, then one of its shards; one source draws the shard only."""
+        src, shards, which = self.source, self.shards, None
+        if self.probs is not None:
+            which = int(torch.multinomial(self.probs, 1, generator=g))
+            src, shards = self.parts[which]
+        return which, src, shards[int(torch.randint(len(shards), (1,), generator=g))]
 
     def __iter__(self) -> Iterator[Batch]:
         wi = get_worker_info()
@@ -147,9 +279,9 @@ class TrainStream(IterableDataset):
         rnd, k0 = self.start.get(role, (0, 0))
         while True:
             g = torch.Generator().manual_seed(_seed(self.seed, self.rank, role, rnd))
-            shard = self.shards[int(torch.randint(len(self.shards), (1,), generator=g))]
+            which, src, shard = self.pick(g)
             bad: Counter = Counter()
-            items = list(read_samples([shard], self.source.decode, bad, self.on_error))
+            items = list(read_samples([shard], src.decode, bad, self.on_error))
             items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
             nb = len(items) // self.batch_size
             if nb == 0:
@@ -159,16 +291,18 @@ class TrainStream(IterableDataset):
             # batches carry little padding
             items = items[: nb * self.batch_size]
             if self.bucket:
-                items = sorted(items, key=self.source.length)
+                items = sorted(items, key=src.length)
             order = torch.randperm(nb, generator=g).tolist()
             for k in range(k0, nb):
                 chunk = items[order[k] * self.batch_size:(order[k] + 1) * self.batch_size]
                 cg = torch.Generator().manual_seed(_seed(self.seed, self.rank, role, rnd, k))
-                batch = self.source.collate(chunk, self.max_len, cg, keep_frame_labels=False)
+                batch = src.collate(chunk, self.max_len, cg, keep_frame_labels=False)
                 nxt = (rnd, k + 1) if k + 1 < nb else (rnd + 1, 0)
                 batch["_role"] = torch.tensor(role)
                 batch["_next"] = torch.tensor(nxt)
                 batch["_bad"] = torch.tensor(sum(bad.values()) if k == 0 else 0)
+                if which is not None:
+                    batch["_source"] = torch.tensor(which)
                 yield batch
             rnd, k0 = rnd + 1, 0
 
@@ -185,8 +319,13 @@ def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counte
                on_error: str = "skip", buffer: int = 512, max_len: MaxLen = None) -> Iterator[Batch]:
     """Every usable sample of a split once, in a fixed order, in batches of similar length. Skipped
     samples are counted in ``bad``. Whole items unless ``max_len`` is given (the encoder's input size,
-    e.g. an image side): then the codec cuts deterministically (no generator)."""
+    e.g. an image side): then the codec cuts deterministically (no generator). A mixture's train
+    split is its sources' train splits one after another (ids offset); its other splits the first source's."""
     bad = bad if bad is not None else Counter()
+    if source.mixture and split == "train":
+        for p in source.mixture:
+            yield from iter_split(p.source, split, batch_size, bad, on_error, buffer, max_len)
+        return
     buf: list[dict[str, Any]] = []
 
     def flush() -> Iterator[Batch]:
@@ -195,6 +334,8 @@ def iter_split(source: DataSource, split: str, batch_size: int = 32, bad: Counte
             yield source.collate(buf[i:i + batch_size], max_len, None)
         buf.clear()
 
+    if source.mixture:
+        source = source.primary
     for item in read_samples(split_paths(source.root, split), source.decode, bad, on_error):
         buf.append(item)
         if len(buf) >= buffer:

@@ -1,9 +1,16 @@
 """The trainer: optimisation, precision, accumulation, logging, checkpoints, resume, DDP.
 
-It sees an Objective and a DataSource and nothing of modalities."""
+It sees an Objective and a DataSource and nothing of modalities.
+
+Continual pretraining is ``init=`` (weights from a run or an export, loaded before training) plus a
+schedule (the run warms up again from 0; ``trainer.schedule=infinite`` for a constant phase that can be
+continued), a mixture of data sources (replay of the old data) and optionally a parameter-efficient mode
+(``trainer.peft=lora``, ExPLoRA-style: LoRA on the attention projections of the frozen blocks, the last
+``trainer.unfreeze_last`` blocks and the backbone norms trained)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from collections import defaultdict
@@ -17,12 +24,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
 from mmssl.export import load_encoder, save_encoder, save_heads
+from mmssl.lora import LoRALinear, apply_lora, merge_lora
 from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import DistInfo, any_true, barrier
-from mmssl.train.logger import MetricsLogger, plot_loss
+from mmssl.train.logger import MetricsLogger, plot_loss, plot_schedule
 from mmssl.train.monitor import Monitor, describe
-from mmssl.train.schedule import lr_factor
+from mmssl.train.schedule import lr_factor, phases, trainer_schedule
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +53,70 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+PEFT_MODES = ("lora",)
+
+
+def apply_peft(objective: Objective, t: dict[str, Any]) -> dict[str, Any]:
+    """``trainer.peft=lora`` (ExPLoRA, Khanna et al. 2024), in place, on every tower of ``objective``:
+    each backbone block but the last ``trainer.unfreeze_last`` gets LoRA (rank ``lora_rank``, alpha
+    ``lora_alpha``) on its attention ``qkv`` and ``proj`` with its own weights frozen; the last blocks
+    and every backbone norm are trained; the rest of the encoder (adapter, mask embedding, prefix tokens)
+    is frozen. The objective's heads, decoders and teachers are left as they are. A parameter the
+    objective had frozen stays frozen. -> {"lora_layers": n, "unfreeze_last": N} ({} without peft)."""
+    mode = t.get("peft")
+    if mode in (None, "none", "null", False):
+        return {}
+    if mode not in PEFT_MODES:
+        raise ValueError(f"unknown trainer.peft {mode!r}; choose one of: null, {', '.join(PEFT_MODES)}")
+    n = int(t.get("unfreeze_last", 1))
+    layers = 0
+    for m, enc in objective.encoders.items():
+        blocks = getattr(getattr(enc, "backbone", None), "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"trainer.peft=lora needs mmssl backbone blocks; the {m} tower "  # noqa: TRY004
+                             f"({type(enc).__name__}) has none")
+        depth = len(blocks)
+        if not 0 <= n <= depth:
+            raise ValueError(f"trainer.unfreeze_last must lie in 0..{depth} (the {m} encoder's depth), got {n}")
+        was = {id(p): p.requires_grad for p in enc.parameters()}
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        for b in blocks[: depth - n]:
+            layers += len(apply_lora(b, ("qkv", "proj"), int(t.get("lora_rank", 8)), float(t.get("lora_alpha", 16.0)),
+                                     float(t.get("lora_dropout", 0.0))))
+        train = [p for b in blocks[depth - n:] for p in b.parameters()]
+        train += [p for mod in enc.backbone.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()]
+        for p in train:
+            p.requires_grad_(was.get(id(p), True))
+        for mod in enc.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_A.requires_grad_(True)
+                mod.lora_B.requires_grad_(True)
+    return {"lora_layers": layers, "unfreeze_last": n}
+
+
+def parameter_counts(objective: Objective) -> dict[str, int]:
+    """Trainable and total scalar parameters of the encoders (towers) and of the whole objective (heads,
+    decoders and teachers included); shared parameters counted once."""
+    def count(params: Any) -> tuple[int, int]:
+        seen = {id(p): p for p in params}
+        return (sum(p.numel() for p in seen.values() if p.requires_grad), sum(p.numel() for p in seen.values()))
+
+    et, ea = count(p for e in objective.encoders.values() for p in e.parameters())
+    ot, oa = count(objective.parameters())
+    return {"trainable_encoder_params": et, "encoder_params": ea, "trainable_params": ot, "total_params": oa}
+
+
+def exportable(tower: nn.Module) -> nn.Module:
+    """The tower as exported: a LoRA-wrapped one as a merged copy (plain architecture, loads with
+    ``mmssl.load_encoder``); the training tower is left as it is."""
+    if not any(isinstance(m, LoRALinear) for m in tower.modules()):
+        return tower
+    plain = copy.deepcopy(tower)
+    merge_lora(plain)
+    return plain
 
 
 class Trainer:
@@ -72,7 +144,7 @@ class Trainer:
     def _prepare_ctx(self) -> PrepareContext:
         bs = int(self.cfg["data"].get("eval_batch_size", 32))
         per_step = int(self.t["batch_size"]) * int(self.t.get("grad_accum", 1)) * self.dist.world
-        n_train = int((self.source.meta.get("splits") or {}).get("train", {}).get("count") or 0)
+        n_train = self.source.train_count()
         return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
                               device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
                               data_fingerprint=self.source.fingerprint, is_main=self.dist.is_main,
@@ -102,9 +174,11 @@ class Trainer:
                 self._say(f"[mmssl] {f} does not fit this objective's {name} head: it starts fresh")
 
     def _export(self, which: str, step: int) -> None:
+        extra: dict[str, Any] = {"objective": self.objective.name, "step": step}
+        if self.cfg.get("init"):
+            extra["init"] = str(self.cfg["init"])
         for m, tower in self.objective.exported().items():
-            save_encoder(tower, self.run_dir / which / m,
-                         extra={"objective": self.objective.name, "step": step})
+            save_encoder(exportable(tower), self.run_dir / which / m, extra=extra)  # type: ignore[arg-type]
         # the heads beside them: heads/ with encoders/, heads_init/ (step 0) with encoders_init/
         save_heads(self.objective.heads(), self.run_dir / which.replace("encoders", "heads"))
 
@@ -125,6 +199,7 @@ class Trainer:
         t = self.t
         max_steps, accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
         workers = int(t.get("num_workers", 0))
+        sched = trainer_schedule(t)  # checked before anything is written
         obj = self.objective.to(self.device)
         resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
         if self.cfg.get("resume") and resume_from is None:
@@ -147,6 +222,32 @@ class Trainer:
             self.logger.log({"event": "prepare", **info})
             self._say("[mmssl] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in info.items()))
+        # the parameter-efficient mode wraps the towers before the optimizer sees them and, on resume, before
+        # the checkpoint (which holds the LoRA factors) is loaded
+        peft = apply_peft(obj, t)
+        obj.to(self.device)
+        counts = parameter_counts(obj)
+        self.logger.log({"event": "parameters", "peft": t.get("peft"), **peft, **counts})
+
+        def pct(a: int, b: int) -> str:
+            return f"{a:,} of {b:,} ({100 * a / max(b, 1):.1f}%)"
+
+        how = (f" (trainer.peft=lora: LoRA rank {int(t.get('lora_rank', 8))} on {peft['lora_layers']} attention "
+               f"projections, last {peft['unfreeze_last']} block(s) and the norms trained)" if peft else "")
+        self._say(f"[mmssl] trainable parameters: encoders {pct(counts['trainable_encoder_params'], counts['encoder_params'])}"
+                  f", overall {pct(counts['trainable_params'], counts['total_params'])}{how}")
+        mix = self.source.mixture
+        if mix:
+            from mmssl.data.loader import mixture_probs
+
+            probs = mixture_probs(self.source, int(t["batch_size"])).tolist()
+            tot = sum(p.weight for p in mix)
+            self.logger.log({"event": "data", "sources": [
+                {"label": p.label, "root": str(p.source.root), "weight": p.weight, "draw_prob": q}
+                for p, q in zip(mix, probs)]})
+            self._say("[mmssl] data mixture: " + ", ".join(
+                f"{p.label} {p.weight / tot:.0%} of batches (round draw p={q:.3f})" for p, q in zip(mix, probs))
+                + f"; validation and probes use {mix[0].label}")
 
         self.optimizer = torch.optim.AdamW(
             param_groups(obj, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
@@ -183,17 +284,16 @@ class Trainer:
                              on_error=self.cfg["data"].get("on_error", "skip"), bucket=obj.bucket_by_length)
         loader = iter(train_loader(stream, workers))
 
-        warmup = int(t.get("warmup_steps", 0))
         log_every, every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
         max_bad = int(t.get("max_nonfinite", 5))
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         n_sum, items, t0, bad_run = 0, 0, time.perf_counter(), 0
+        from_source = [0] * len(mix or [])  # batches per source over the log interval (this rank)
         progress = _Progress(max_steps, step, enabled=self.dist.is_main and bool(t.get("progress", True)))
         monitor = Monitor(obj, self.source, t, self.device, self.max_len, self.autocast_dtype)
         obj.train()
         while step < max_steps:
-            lr = float(t["lr"]) * lr_factor(step, max_steps, warmup, t.get("schedule", "cosine"),
-                                             float(t.get("min_lr_factor", 0.0)))
+            lr = float(t["lr"]) * lr_factor(step, **sched)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             step_loss = torch.zeros((), device=self.device)
@@ -202,6 +302,8 @@ class Trainer:
                 batch = next(loader)
                 roles[int(batch.pop("_role"))] = batch.pop("_next").tolist()
                 counters["skipped_samples"] += int(batch.pop("_bad"))
+                if "_source" in batch:
+                    from_source[int(batch.pop("_source"))] += 1
                 consumed += 1
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 items += next(iter(batch.values())).shape[0]
@@ -241,6 +343,9 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "lr": lr, **{k: float(v) / n_sum for k, v in sums.items()},
                        "items_per_s": items * self.dist.world / dt, **counters}
+                if mix and sum(from_source):
+                    rec.update({f"source_frac/{p.label}": c / sum(from_source) for p, c in zip(mix, from_source)})
+                    from_source = [0] * len(mix)
                 self.logger.log(rec)
                 progress.update(step, rec)
                 sums.clear()
@@ -260,6 +365,9 @@ class Trainer:
         if self.dist.is_main:
             self._export("encoders", step)
             plot_loss(self.run_dir)
+            plot_schedule(self.run_dir, [float(t["lr"]) * lr_factor(s, **sched) for s in range(max_steps)],
+                          phases(**sched),
+                          title=f"{sched['kind']} schedule" + (f", init={self.cfg['init']}" if self.cfg.get("init") else ""))
         barrier(self.dist)
         self.logger.close()
         return {"step": step, **counters}
