@@ -61,7 +61,7 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
         raise ValueError("DINO needs at least two views (one global plus one more)")
     loss = ce[pairs].mean()
     with torch.no_grad():
-        h_q = -(q * torch.log(q.clamp_min(1e-30))).sum(-1)  # [G, B]
+        h_q = torch.special.entr(q).sum(-1)  # [G, B]; 0 log 0 = 0
         h_p = -(log_p.exp() * log_p).sum(-1)  # [V, B]
         # KL(q || p) = CE(q, p) - H(q), pair by pair
         kl = (ce - h_q.mean(1)[:, None])[pairs].mean()
