@@ -104,7 +104,8 @@ def init_tower_config(m: str, init: str, built: dict[str, Any], overrides: list[
     from mmssl.export import resolve_encoder_dir
 
     rec = record / m / "config.json" if record is not None else None
-    if rec is not None and rec.exists():
+    recorded = rec is not None and rec.exists()
+    if recorded:
         src, where = json.loads(rec.read_text()), rec.parent
     else:
         where = resolve_encoder_dir(Path(init), m)
@@ -130,9 +131,9 @@ def init_tower_config(m: str, init: str, built: dict[str, Any], overrides: list[
     note = None
     diff = _arch_diff(cfg, built)
     if diff:
-        trained = src.get("objective")
-        note = (f"[mmssl] init: the {m} encoder keeps the architecture of {where}"
-                f"{f' (trained with {trained})' if trained else ''}, not the one {objective} would build: "
+        trained = f" (init={init})" if recorded else (f" (trained with {src['objective']})" if src.get("objective") else "")
+        note = (f"[mmssl] init: the {m} encoder keeps the architecture {'recorded in' if recorded else 'of'} {where}"
+                f"{trained}, not the one {objective} would build: "
                 + "; ".join(diff[:4]) + (f"; +{len(diff) - 4} more" if len(diff) > 4 else ""))
     return cfg, note
 

@@ -108,7 +108,7 @@ def plot_schedule(run_dir: Path, lrs: list[float], phases: list[tuple[str, int, 
             w = next((s["weight"] for s in mix or [] if s["label"] == label), None)
             if w is not None and tot:
                 ax2.axhline(w / tot, color=line.get_color(), ls="--", lw=0.8)
-        ax2.set_ylim(0, 1)
+        ax2.set_ylim(-0.03, 1.03)
         ax2.set_xlabel("step")
         ax2.set_ylabel("fraction of batches")
         ax2.set_title("data sources: since step 0 (thick), per log interval (thin), weights (dashed)", fontsize=8)

@@ -65,21 +65,13 @@ def apply_peft(objective: Objective, t: dict[str, Any]) -> dict[str, Any]:
     and every backbone norm are trained; the rest of the encoder (adapter, mask embedding, prefix tokens)
     is frozen. The objective's heads, decoders and teachers are left as they are. A parameter the
     objective had frozen stays frozen. -> {"lora_layers": n, "unfreeze_last": N} ({} without peft)."""
-    mode = t.get("peft")
-    if mode in (None, "none", "null", False):
+    if not check_peft(objective, t):
         return {}
-    if mode not in PEFT_MODES:
-        raise ValueError(f"unknown trainer.peft {mode!r}; choose one of: null, {', '.join(PEFT_MODES)}")
     n = int(t.get("unfreeze_last", 1))
     layers = 0
-    for m, enc in objective.encoders.items():
-        blocks = getattr(getattr(enc, "backbone", None), "blocks", None)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"trainer.peft=lora needs mmssl backbone blocks; the {m} tower "  # noqa: TRY004
-                             f"({type(enc).__name__}) has none")
+    for enc in objective.encoders.values():
+        blocks = enc.backbone.blocks
         depth = len(blocks)
-        if not 0 <= n <= depth:
-            raise ValueError(f"trainer.unfreeze_last must lie in 0..{depth} (the {m} encoder's depth), got {n}")
         was = {id(p): p.requires_grad for p in enc.parameters()}
         for p in enc.parameters():
             p.requires_grad_(False)
@@ -95,6 +87,27 @@ def apply_peft(objective: Objective, t: dict[str, Any]) -> dict[str, Any]:
                 mod.lora_A.requires_grad_(True)
                 mod.lora_B.requires_grad_(True)
     return {"lora_layers": layers, "unfreeze_last": n}
+
+
+def check_peft(objective: Objective, t: dict[str, Any]) -> bool:
+    """Whether ``trainer.peft`` asks for a parameter-efficient mode that these towers allow (one-line
+    errors otherwise: checked before anything runs)."""
+    mode = t.get("peft")
+    if mode in (None, "none", "null", False):
+        return False
+    if mode not in PEFT_MODES:
+        raise ValueError(f"unknown trainer.peft {mode!r}; choose one of: null, {', '.join(PEFT_MODES)}")
+    n = int(t.get("unfreeze_last", 1))
+    for m, enc in objective.encoders.items():
+        blocks = getattr(getattr(enc, "backbone", None), "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"trainer.peft=lora needs mmssl backbone blocks; the {m} tower "  # noqa: TRY004
+                             f"({type(enc).__name__}) has none")
+        if not 0 <= n <= len(blocks):
+            raise ValueError(f"trainer.unfreeze_last must lie in 0..{len(blocks)} (the {m} encoder's depth), got {n}")
+    if int(t.get("lora_rank", 8)) < 1:
+        raise ValueError(f"trainer.lora_rank must be at least 1, got {t.get('lora_rank')}")
+    return True
 
 
 def parameter_counts(objective: Objective) -> dict[str, int]:
@@ -200,6 +213,7 @@ class Trainer:
         max_steps, accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
         workers = int(t.get("num_workers", 0))
         sched = trainer_schedule(t)  # checked before anything is written
+        check_peft(self.objective, t)
         obj = self.objective.to(self.device)
         resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
         if self.cfg.get("resume") and resume_from is None:

@@ -137,6 +137,22 @@ def test_bad_sources_are_one_line_errors(sources: str, needle: str, eeg_sets: di
         assert "holds 'speech' data, not eeg" in lines[0]
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.peft=lora", "trainer.unfreeze_last=9"], "trainer.unfreeze_last must lie in 0..2 (the eeg encoder's depth), got 9"),
+    (["trainer.peft=adapters"], "unknown trainer.peft 'adapters'; choose one of: null, lora"),
+    (["trainer.schedule=infinite", "trainer.anneal_fraction=1.0"], "exceed trainer.max_steps=2"),
+])
+def test_bad_trainer_keys_are_one_line_errors(args: list[str], needle: str, eeg_sets: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from mmssl.cli import main
+
+    run = tmp_path / "r"
+    assert main(["pretrain", *overrides(run, 2, data="shards", **{"data.path": str(eeg_sets["old"])}), *args]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("[mmssl]")]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (run / "encoders_init").exists()  # refused before anything was written
+
+
 # -- LoRA / ExPLoRA -------------------------------------------------------------------------------------
 def tiny_mae(depth: int = 3):
     from mmssl.config import compose, to_dict
@@ -219,6 +235,7 @@ def test_init_tower_takes_the_source_architecture(tmp_path: Path) -> None:
     assert "trained with hubert" in note and "adapter.position: 'conv' vs 'sinusoidal'" in note
     tower = build_encoder(got)
     assert set(tower.state_dict()) == set(hub.state_dict())
+    assert set(build_encoder(mae).state_dict()) != set(hub.state_dict())  # what init= used to build: no fit
     # explicit command-line keys still apply; a different size is refused
     got2, _ = init_tower_config("speech", str(tmp_path / "hubert"), {**mae, "adapter": {**mae["adapter"], "mask_span": 4}},
                                 [*small, "modality.speech.adapter.mask_span=4"], "mae")
@@ -286,5 +303,5 @@ def test_continual_run_from_the_command_line(eeg_sets: dict[str, Path], tmp_path
              if "loss" in r}
     first = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert sorted(again) == [4, 5, 6]
-    for s in again:
-        assert again[s] == pytest.approx(first[s], abs=1e-5), s
+    for s, loss in again.items():
+        assert loss == pytest.approx(first[s], abs=1e-5), s
