@@ -30,7 +30,7 @@ def test_one_step_on_the_embedded_preset(modality: str, objective: str, extra: l
                           {modality: mcfg})
     src = resolve_source({"name": "default"}, [modality], mcfg["preset"], cache_dir)
     max_len = mcfg.get("max_len") or enc.config["preprocessing"].get("max_len")
-    batch = next(iter(iter_split(src, "val", batch_size=6, max_len=max_len)))
+    batch = next(iter(iter_split(src, "val", batch_size=6, buffer=6, max_len=max_len)))
     batch = {k: v for k, v in batch.items() if k not in ("label", "sample_id")}
 
     from mmssl.objectives.base import PrepareContext
