@@ -28,5 +28,8 @@ def load_run_objective(run_dir: str | Path, checkpoint: str = "last",
     # each tower exactly as exported (its config.json), so the rebuilt shapes are the trained ones
     encoders = {m: build_encoder(json.loads((run / "encoders_init" / m / "config.json").read_text())) for m in mods}
     obj = build_objective(cfg["objective"]["name"], cfg["objective"], encoders, cfg["modality"])
+    from mmssl.train.trainer import apply_peft  # a trainer.peft run's checkpoint holds LoRA factors
+
+    apply_peft(obj, cfg["trainer"])
     obj.load_state_dict(load_file(str(ckpt)), strict=True)
     return obj.to(device).eval()
