@@ -35,6 +35,8 @@ from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, ObjectiveOutput, Tokens
 
 NORMS = ("instance", "layer", "none")
+#: data2vec's teacher momentum: 0.999 at step 0, annealed linearly to 0.9999
+PAPER_EMA = {"ema_decay": 0.999, "ema_end_decay": 0.9999}
 
 
 def instance_norm_tokens(x: torch.Tensor, pad: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -144,8 +146,10 @@ class Data2Vec(Objective):
         self.loss_kind = str(cfg.get("loss") or "mse")
         self.loss_beta = float(cfg.get("loss_beta") or 0.0)
         regression_loss(torch.zeros(1, 1), torch.zeros(1, 1), self.loss_kind, max(self.loss_beta, 1e-6))
-        self.ema_start = float(cfg.get("ema_decay", 0.999))
-        self.ema_end = float(cfg.get("ema_end_decay", 0.9999))
+        # the paper's momenta unless the command line or the modality (objectives.data2vec) sets them
+        ema = dict(PAPER_EMA)
+        ema.update({k: cfg[k] for k in PAPER_EMA if cfg.get(k) is not None})
+        self.ema_start, self.ema_end = float(ema["ema_decay"]), float(ema["ema_end_decay"])
         self.ema_anneal = cfg.get("ema_anneal_steps")  # null: the whole run
         self.teacher = EMATeacher(encoder)
         D = encoder.dim
