@@ -19,7 +19,8 @@ from mmssl.cli import main
 from mmssl.encoder import Encoder
 from mmssl.modalities.base import ModalityAdapter
 from mmssl.objectives.base import PrepareContext
-from mmssl.objectives.dino_loss import batch_center, dino_loss, distinct_codes, teacher_temp_at, update_center
+from mmssl.objectives.dino_loss import (batch_center, dino_loss, distinct_codes, logit_sum, teacher_temp_at,
+                                       update_center)
 from mmssl.objectives.distill import DINOHead, Distill, grouped_views
 from mmssl.types import Batch, Tokens
 
@@ -142,8 +143,15 @@ def test_centre_update_formula() -> None:
     g = torch.Generator().manual_seed(3)
     c0, t = torch.randn(6, generator=g), torch.randn(2, 4, 6, generator=g)
     c = c0.clone()
-    update_center(c, batch_center(t), 0.9)
-    assert torch.allclose(c, 0.9 * c0 + 0.1 * t.reshape(-1, 6).mean(0), atol=1e-6)
+    mean, n = batch_center(*logit_sum(t))
+    update_center(c, mean, 0.9)
+    assert int(n) == 8 and torch.allclose(c, 0.9 * c0 + 0.1 * t.reshape(-1, 6).mean(0), atol=1e-6)
+    # a non-finite row (a broken input) is left out of the mean instead of poisoning the centre
+    t[1, 2, 0] = float("nan")
+    mean, n = batch_center(*logit_sum(t))
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[1, 2] = False
+    assert int(n) == 7 and torch.allclose(mean, t[keep].mean(0), atol=1e-6)
     assert float(distinct_codes(F.one_hot(torch.zeros(8, dtype=torch.long), 6).float())) == pytest.approx(1 / 6)
 
 
@@ -162,14 +170,35 @@ def test_forward_scores_against_the_old_centre_then_updates_it() -> None:
         t = obj._logits(obj.teacher.module.encoder, obj.teacher.module.head, views[:2])
     ref = reference_dino_loss(list(s), list(t), c0, 0.1, obj.teacher_temp_at(0))
     assert torch.allclose(out.loss, ref, atol=1e-5)
+    assert torch.equal(obj.center, c0)  # the step is not done: a skipped (non-finite) step never moves it
+    obj.after_step(0)
     assert torch.allclose(obj.center, 0.8 * c0 + 0.2 * t.reshape(-1, t.shape[-1]).mean(0), atol=1e-5)
+    # a step of two micro-batches (accumulation): one update with the mean over both
+    c1 = obj.center.clone()
+    torch.manual_seed(6)
+    obj(b)
+    obj(toy_batch(B=3))
+    torch.manual_seed(6)
+    with torch.no_grad():
+        t1 = obj._logits(obj.teacher.module.encoder, obj.teacher.module.head, obj.encoder.adapter.views(b, 2, 2)[:2])
+        t2 = obj._logits(obj.teacher.module.encoder, obj.teacher.module.head,
+                         obj.encoder.adapter.views(toy_batch(B=3), 2, 2)[:2])
+    both = torch.cat([t1.reshape(-1, 12), t2.reshape(-1, 12)]).mean(0)
+    obj.after_step(1)
+    assert torch.allclose(obj.center, 0.8 * c1 + 0.2 * both, atol=1e-5)
     for k in ("teacher_entropy", "kl_teacher_student", "teacher_temp", "ema_momentum", "teacher_codes"):
         assert k in out.metrics
     obj.eval()
-    c1 = obj.center.clone()
+    c2 = obj.center.clone()
     with torch.no_grad():
         obj(b)
-    assert torch.equal(obj.center, c1)  # validation never moves the centre
+    obj.after_step(2)
+    assert torch.equal(obj.center, c2)  # validation never moves the centre
+    obj.train()
+    with torch.no_grad():
+        bad = obj({"toy": torch.full((2, 8, 4), float("nan"))})
+    obj.after_step(3)
+    assert not torch.isfinite(bad.loss) and torch.equal(obj.center, c2)  # nothing finite: the centre stays
 
 
 def test_same_shape_views_share_one_pass_with_the_same_outputs() -> None:

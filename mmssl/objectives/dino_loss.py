@@ -68,18 +68,27 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
     return DinoLoss(loss, q.detach(), h_q.mean(), kl, h_p.mean())
 
 
-def batch_center(teacher: torch.Tensor) -> torch.Tensor:
-    """The mean teacher logit over every global view and item [K], averaged over all processes when
-    torch.distributed is initialised (DINO all-reduces the sum, then divides by the global count).
+def batch_center(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mean teacher logit [K], the count over all processes) from a sum over ``count`` outputs,
+    all-reduced when torch.distributed is initialised (DINO all-reduces the sum, then divides by the
+    global count).
 
-    teacher: [..., K] (e.g. [G, B, K])."""
-    flat = teacher.detach().float().reshape(-1, teacher.shape[-1])
-    total = flat.sum(0)
-    count = torch.tensor(float(flat.shape[0]), device=flat.device)
+    total: [K] the sum of the teacher's logits over every global view and item; count: scalar tensor."""
+    total, count = total.detach().float().clone(), count.detach().float().clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         dist.all_reduce(count)
-    return total / count
+    return total / count.clamp_min(1.0), count
+
+
+def logit_sum(teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """teacher: [..., K] logits -> (their sum over every leading index [K], how many (scalar tensor)).
+
+    Rows with a non-finite value are left out: one broken input must not turn the running centre into
+    NaN for the rest of the run (the trainer skips that step, but the centre would keep it)."""
+    flat = teacher.detach().float().reshape(-1, teacher.shape[-1])
+    finite = torch.isfinite(flat).all(-1)
+    return torch.where(finite[:, None], flat, 0.0).sum(0), finite.sum().float()
 
 
 def update_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:

@@ -23,7 +23,8 @@ from torch import nn
 
 from mmssl.encoder import Encoder
 from mmssl.objectives.base import Objective, PrepareContext
-from mmssl.objectives.dino_loss import batch_center, dino_loss, distinct_codes, teacher_temp_at, update_center
+from mmssl.objectives.dino_loss import (batch_center, dino_loss, distinct_codes, logit_sum, teacher_temp_at,
+                                       update_center)
 from mmssl.objectives.ema import EMATeacher, ema_cosine
 from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, ObjectiveOutput
@@ -122,11 +123,17 @@ class Distill(Objective):
 
     needs = ("views", "stochastic views (views(batch, n_global, n_local))")
 
+    #: the centre is a batch statistic: a batch of one length would centre away what that length has in
+    #: common, so batches are i.i.d. as DINO's sampler draws them
+    bucket_by_length = False
+
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()
         self.modality, encoder = tower
         self.towers[self.modality] = encoder
         self.cfg = dict(cfg)
+        if isinstance(getattr(encoder, "mask_embedding", None), nn.Parameter):
+            encoder.mask_embedding.requires_grad_(False)  # views are never masked: no gradient reaches it (DDP)
         size = (getattr(encoder, "config", None) or {}).get("size")
         sized = dict((cfg.get("head_sizes") or {}).get(size) or {})
         self.n_global = int(_cfg(cfg, "n_global", sized))
@@ -155,6 +162,10 @@ class Distill(Objective):
         self.register_buffer("center", torch.zeros(self.head.config["out_dim"]))
         # optimizer steps done: the schedules' clock, in the checkpoint so a resumed forward is on time
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        # this step's teacher logits, summed over its micro-batches (sum [K], count): the centre takes them
+        # in after_step, so a step the trainer skips as non-finite never reaches it (a NaN centre would
+        # poison every later step)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.total_steps = 0
         self.steps_per_epoch = 0
         self._set_schedule_lengths()
@@ -202,6 +213,13 @@ class Distill(Objective):
 
     def after_step(self, step: int) -> None:
         self.teacher.update(self._student(), self.momentum_at(step))
+        if self._pending is not None:
+            total, count = self._pending
+            self._pending = None
+            mean, count = batch_center(total, count)  # all-reduced: every rank holds the same centre
+            before = self.center.clone()
+            update_center(self.center, mean, self.center_momentum)
+            self.center.copy_(torch.where(count > 0, self.center, before))  # nothing finite: keep it
         self.steps_done.fill_(step + 1)
 
     def exported(self) -> dict[str, nn.Module]:
@@ -230,8 +248,11 @@ class Distill(Objective):
             teacher = self._logits(t.encoder, t.head, views[:self.n_global])
         temp = self.teacher_temp_at(step)
         res = dino_loss(student, teacher, self.center, self.student_temp, temp)
-        if self.training:  # after the loss, as DINO: this batch is scored against the previous centre
-            update_center(self.center, batch_center(teacher), self.center_momentum)
+        if self.training:  # scored against the previous centre, as DINO; the centre moves in after_step
+            total, count = logit_sum(teacher)
+            if self._pending is not None:
+                total, count = total + self._pending[0], count + self._pending[1]
+            self._pending = (total, count)
         metrics: dict[str, Any] = {
             "teacher_entropy": res.teacher_entropy, "kl_teacher_student": res.kl_teacher_student,
             "student_entropy": res.student_entropy, "teacher_codes": distinct_codes(res.teacher_probs),
