@@ -366,3 +366,12 @@ def test_checkpoint_round_trip_of_teacher_and_centre(tmp_path: Path) -> None:
     mine = dict(obj.teacher.named_parameters())
     assert all(torch.equal(p, mine[n]) for n, p in fresh.teacher.named_parameters())
     assert all(torch.equal(p, q) for p, q in zip(fresh.head.parameters(), obj.head.parameters()))
+
+
+def test_defaults_by_encoder_size_yield_to_the_config() -> None:
+    sizes = {"micro": {"out_dim": 20, "head_hidden_dim": 24, "n_local": 3}}
+    a = toy_distill(out_dim=None, head_hidden_dim=None, n_local=None, sizes=sizes)
+    assert a.head.config["out_dim"] == 20 and a.head.config["hidden_dim"] == 24 and a.n_local == 3
+    assert a.center.shape == (20,)
+    b = toy_distill(out_dim=7, n_local=None, head_hidden_dim=None, sizes={"tiny": sizes["micro"]})
+    assert b.head.config["out_dim"] == 7 and b.head.config["hidden_dim"] == 2048 and b.n_local == 8  # the paper's

@@ -12,7 +12,8 @@ what is exported and evaluated, as in the paper.
 Schedules in optimizer steps: the teacher temperature rises from 0.04 to 0.07 over
 ``teacher_temp_warmup_steps``; the EMA momentum rises from 0.996 to 1 on a half cosine over the run.
 Defaults per modality (views, head size, momentum) come from ``objectives.distill`` in the modality
-config; head sizes default per encoder size (``head_sizes`` in configs/objective/distill.yaml)."""
+config; head sizes and the number of local views default per encoder size (``sizes`` in
+configs/objective/distill.yaml)."""
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,7 @@ from mmssl.types import Batch, ObjectiveOutput
 
 # The paper's values (main_dino.py defaults and its ViT-S/16 recipe), used where neither the objective
 # config nor the modality sets a key.
-PAPER = {"n_global": 2, "n_local": 8, "hidden_dim": 2048, "bottleneck_dim": 256, "out_dim": 65536,
+PAPER = {"n_global": 2, "n_local": 8, "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "out_dim": 65536,
          "head_layers": 3, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
          "teacher_temp_warmup_fraction": 0.3, "center_momentum": 0.9, "momentum_base": 0.996,
          "momentum_final": 1.0}
@@ -108,13 +109,12 @@ def grouped_views(views: list[Batch]) -> list[tuple[list[int], Batch]]:
     return out
 
 
-def _cfg(cfg: dict[str, Any], key: str, size_entry: dict[str, Any], size_key: str | None = None) -> Any:
-    """objective config (or the modality's default) > the size's entry > the paper's value."""
-    if cfg.get(key) is not None:
-        return cfg[key]
-    if size_key is not None and size_entry.get(size_key) is not None:
-        return size_entry[size_key]
-    return PAPER[size_key or key]
+def _cfg(cfg: dict[str, Any], key: str, size_entry: dict[str, Any]) -> Any:
+    """objective config (or the modality's default) > the encoder size's entry > the paper's value."""
+    for source in (cfg, size_entry):
+        if source.get(key) is not None:
+            return source[key]
+    return PAPER[key]
 
 
 @OBJECTIVES.register("distill")
@@ -135,7 +135,7 @@ class Distill(Objective):
         if isinstance(getattr(encoder, "mask_embedding", None), nn.Parameter):
             encoder.mask_embedding.requires_grad_(False)  # views are never masked: no gradient reaches it (DDP)
         size = (getattr(encoder, "config", None) or {}).get("size")
-        sized = dict((cfg.get("head_sizes") or {}).get(size) or {})
+        sized = dict((cfg.get("sizes") or {}).get(size) or {})
         self.n_global = int(_cfg(cfg, "n_global", sized))
         self.n_local = int(_cfg(cfg, "n_local", sized))
         if self.n_global < 1 or self.n_local < 0 or self.n_global + self.n_local < 2:
@@ -153,10 +153,8 @@ class Distill(Objective):
         for k in ("center_momentum", "momentum_base", "momentum_final"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ValueError(f"objective.{k} must be in [0, 1], got {getattr(self, k)}")
-        self.head = DINOHead(encoder.dim, int(_cfg(cfg, "out_dim", sized, "out_dim")),
-                             int(_cfg(cfg, "head_hidden_dim", sized, "hidden_dim")),
-                             int(_cfg(cfg, "head_bottleneck_dim", sized, "bottleneck_dim")),
-                             int(_cfg(cfg, "head_layers", sized, "head_layers")))
+        self.head = DINOHead(encoder.dim, int(_cfg(cfg, "out_dim", sized)), int(_cfg(cfg, "head_hidden_dim", sized)),
+                             int(_cfg(cfg, "head_bottleneck_dim", sized)), int(_cfg(cfg, "head_layers", sized)))
         self.teacher = EMATeacher(_Pair(encoder, self.head))
         # the running mean of the teacher's logits: a buffer, so checkpoints carry it and resume exactly
         self.register_buffer("center", torch.zeros(self.head.config["out_dim"]))
