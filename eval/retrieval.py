@@ -15,8 +15,10 @@ captions (COCO-style rows, ``file_id``) is one gallery entry relevant to each of
 
 Ties are handled pessimistically, so the metric is deterministic and a collapsed embedding cannot
 score by luck: a query's rank is 1 + the number of gallery items with a *different* key whose
-similarity is >= that of the best same-key item. Hence R@K = 0 for constant embeddings whenever more
-than K - 1 items carry other keys.
+similarity is >= that of the best same-key item, less ``TIE_TOL``. Hence R@K = 0 for constant embeddings
+whenever more than K - 1 items carry other keys. The tolerance makes identical inputs tie whatever batch
+they were embedded in: the same input's embedding differs in its last bits from one batch size to another
+(BLAS kernels), and an exact >= then let the batch size decide between identical items.
 
 ``run_retrieval`` writes ``out/retrieval.json`` (the six recalls for the trained pair and its step-0
 twin ``encoders_init``, mean/median ranks, the recall a random ranking would get given the key
@@ -58,6 +60,10 @@ def caption_keys(ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return torch.unique(rows, dim=0, return_inverse=True)[1]
 
 
+#: cosine similarities closer than this to a query's best relevant one tie with it (float32 noise is ~1e-7)
+TIE_TOL = 1e-5
+
+
 def first_hit_ranks(query: torch.Tensor, gallery: torch.Tensor, rel_q: torch.Tensor, rel_g: torch.Tensor,
                     chunk: int | None = None) -> torch.Tensor:
     """query [m, E], gallery [n, E]; the relevant (query, gallery) pairs as index lists rel_q [P], rel_g [P]
@@ -81,7 +87,7 @@ def first_hit_ranks(query: torch.Tensor, gallery: torch.Tensor, rel_q: torch.Ten
         if not same.any(1).all():
             raise ValueError("a query has no relevant gallery item")
         best = sim.masked_fill(~same, float("-inf")).amax(1, keepdim=True)  # [c, 1]
-        ranks[i:i + step] = (1 + ((sim >= best) & ~same).sum(1)).cpu()
+        ranks[i:i + step] = (1 + ((sim >= best - TIE_TOL) & ~same).sum(1)).cpu()
     return ranks
 
 

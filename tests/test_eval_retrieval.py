@@ -320,3 +320,16 @@ def test_real_pair_runs_match_direct_embeddings(pairs_root: Path, tmp_path: Path
         pred = zero_shot_predict(pair.embed("image", whole)[order], cls)
         assert z[prefix + "accuracy"] == pytest.approx(float((pred == whole["label"][order]).float().mean()))
     assert r["n_captions"] == 4
+
+
+def test_identical_items_tie_whatever_their_last_bits() -> None:
+    """An input embedded in two batches differs in its last bits; the relevant copy and an other-key
+    copy of one image must tie (pessimistic rank 2) whichever of them came out a hair higher."""
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    base = torch.tensor([0.6, 0.8, 0.0])
+    for eps in (3e-7, -3e-7):
+        gal = torch.stack([base, base + torch.tensor([eps, 0.0, 0.0])])  # item 0 relevant, item 1 other key
+        assert first_hit_ranks(q, gal, torch.tensor([0]), torch.tensor([0])).tolist() == [2]
+    # a real difference still separates them
+    gal = torch.stack([base, torch.tensor([0.5, 0.866, 0.0])])
+    assert first_hit_ranks(q, gal, torch.tensor([0]), torch.tensor([0])).tolist() == [1]
