@@ -226,6 +226,23 @@ def test_head_last_layer_rows_have_norm_one() -> None:
     assert sum(isinstance(m, nn.GELU) for m in h.mlp) == 2 and len([m for m in h.mlp if isinstance(m, nn.Linear)]) == 3
 
 
+
+def test_head_batch_norm_uses_batch_statistics_in_eval_mode_too() -> None:
+    """use_bn_in_head: what every item of the batch shares is normalised away, in the student (train
+    mode) and the eval-mode teacher alike; without BN it is not."""
+    torch.manual_seed(0)
+    x, shift = torch.randn(6, 8), 3.0 * torch.randn(1, 8)
+    bn = DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4, batch_norm=True)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in bn.mlp) == 2
+    for mode in (True, False):
+        bn.train(mode)
+        with torch.no_grad():
+            assert torch.allclose(bn(x), bn(x + shift), atol=1e-4)
+    plain = DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), plain(x + shift), atol=1e-2)
+
+
 # -- schedules ---------------------------------------------------------------------------------------------
 def test_schedules_at_given_steps() -> None:
     assert teacher_temp_at(0, 30, 0.04, 0.07) == pytest.approx(0.04)

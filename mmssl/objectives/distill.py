@@ -33,7 +33,7 @@ from mmssl.types import Batch, ObjectiveOutput
 # The paper's values (main_dino.py defaults and its ViT-S/16 recipe), used where neither the objective
 # config nor the modality sets a key.
 PAPER = {"n_global": 2, "n_local": 8, "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "out_dim": 65536,
-         "head_layers": 3, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
+         "head_layers": 3, "head_batch_norm": False, "student_temp": 0.1, "teacher_temp": 0.07, "warmup_teacher_temp": 0.04,
          "teacher_temp_warmup_fraction": 0.3, "center_momentum": 0.9, "momentum_base": 0.996,
          "momentum_final": 1.0}
 
@@ -42,10 +42,12 @@ class DINOHead(nn.Module):
     """[B, D] features -> [B, K] logits: GELU MLP to a bottleneck, L2-normalised, then a linear layer
     whose weight rows are normalised to norm 1 (DINO's weight-normalised last layer with its norm fixed,
     ``norm_last_layer=True``; normalising the rows in ``forward`` gives the same function and gradients
-    as ``weight_norm`` with g = 1 frozen)."""
+    as ``weight_norm`` with g = 1 frozen). ``batch_norm``: BatchNorm after each hidden linear layer
+    (DINO's ``use_bn_in_head``), normalising over the batch of views; statistics are per process (DINO
+    syncs them across GPUs)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3) -> None:
+                 nlayers: int = 3, batch_norm: bool = False) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"the DINO head needs at least one layer, got {nlayers}")
@@ -54,6 +56,11 @@ class DINOHead(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(dims) - 2:
+                if batch_norm:
+                    # DINO's use_bn_in_head. Batch statistics always, in the student and the (eval-mode)
+                    # teacher alike, as DINO's teacher runs its head BN in train mode; the head only runs
+                    # in training, so running statistics would never be read
+                    layers.append(nn.BatchNorm1d(b, track_running_stats=False))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
@@ -63,7 +70,7 @@ class DINOHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.config = {"in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim,
-                       "bottleneck_dim": bottleneck_dim, "nlayers": nlayers}
+                       "bottleneck_dim": bottleneck_dim, "nlayers": nlayers, "batch_norm": batch_norm}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
@@ -154,7 +161,8 @@ class Distill(Objective):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ValueError(f"objective.{k} must be in [0, 1], got {getattr(self, k)}")
         self.head = DINOHead(encoder.dim, int(_cfg(cfg, "out_dim", sized)), int(_cfg(cfg, "head_hidden_dim", sized)),
-                             int(_cfg(cfg, "head_bottleneck_dim", sized)), int(_cfg(cfg, "head_layers", sized)))
+                             int(_cfg(cfg, "head_bottleneck_dim", sized)), int(_cfg(cfg, "head_layers", sized)),
+                             bool(_cfg(cfg, "head_batch_norm", sized)))
         self.teacher = EMATeacher(_Pair(encoder, self.head))
         # the running mean of the teacher's logits: a buffer, so checkpoints carry it and resume exactly
         self.register_buffer("center", torch.zeros(self.head.config["out_dim"]))
