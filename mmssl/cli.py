@@ -73,17 +73,22 @@ def cmd_pretrain(args: list[str]) -> int:
 
 
 def apply_trainer_defaults(cfg: Any, mods: list[str], overrides: list[str]) -> None:
-    """Training settings a modality recommends under an objective (``objectives.<name>.trainer`` in its
-    config, e.g. text MLM's learning rate), applied where the command line does not set the key."""
+    """Settings a modality recommends under an objective, applied where the command line does not set
+    the key: training keys (``objectives.<name>.trainer`` in its config, e.g. text MLM's learning rate)
+    and the tower's pooling (``objectives.<name>.pool``, e.g. mean pooling for image data2vec, whose
+    loss never reaches the CLS token)."""
     from mmssl.factory import objective_defaults
 
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     for m in mods:
-        for k, v in (objective_defaults(to_plain(cfg.modality[m]), cfg.objective.name).get("trainer") or {}).items():
+        defaults = objective_defaults(to_plain(cfg.modality[m]), cfg.objective.name)
+        for k, v in (defaults.get("trainer") or {}).items():
             if f"trainer.{k}" not in given:
                 if k not in cfg.trainer:
                     raise ValueError(f"modality {m}: objectives.{cfg.objective.name}.trainer.{k} is not a trainer key")
                 cfg.trainer[k] = v
+        if defaults.get("pool") is not None and f"modality.{m}.pool" not in given:
+            cfg.modality[m].pool = defaults["pool"]
 
 
 ARCH_KEYS = ("size", "backbone", "adapter", "pool", "num_prefix", "open_clip")

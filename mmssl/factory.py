@@ -16,8 +16,8 @@ FORMAT_VERSION = 1
 def objective_defaults(modality_cfg: dict[str, Any], objective: str | None) -> dict[str, Any]:
     """The modality's defaults for one objective (``objectives.<name>`` in its yaml): e.g. MAE's mask
     ratio is 0.75 for images and 0.30 for text. An ``adapter`` entry refines the adapter under that
-    objective (speech uses sinusoidal positions under MAE); a ``trainer`` entry sets training keys the
-    command line leaves alone (mmssl.cli.apply_trainer_defaults).
+    objective (speech uses sinusoidal positions under MAE); ``trainer`` and ``pool`` entries set training
+    keys and the tower's pooling where the command line leaves them alone (mmssl.cli.apply_trainer_defaults).
 
     An objective class with ``inherits = "<other>"`` (sd_further: "mae") starts from the other
     objective's defaults; its own entry, if any, refines them."""
@@ -93,7 +93,7 @@ def merge_objective_cfg(name: str, cfg: dict[str, Any], modality_cfgs: dict[str,
     out: dict[str, Any] = {}
     for mcfg in modality_cfgs.values():
         for k, v in objective_defaults(mcfg, name).items():
-            if k not in ("adapter", "trainer"):
+            if k not in ("adapter", "trainer", "pool"):  # the tower's and the trainer's keys, not the objective's
                 out.setdefault(k, v)
     out.update({k: v for k, v in cfg.items() if v is not None or k not in out})
     return out

@@ -229,3 +229,10 @@ def test_modality_trainer_defaults_yield_to_the_command_line() -> None:
     cfg = compose(["modality=image", "objective=mae"])
     apply_trainer_defaults(cfg, ["image"], [])
     assert cfg.trainer.lr == 5e-4
+    assert cfg.modality.image.pool == "cls"
+    cfg = compose(["modality=image", "objective=data2vec"])
+    apply_trainer_defaults(cfg, ["image"], [])
+    assert cfg.modality.image.pool == "mean"  # image data2vec's pooling ...
+    cfg = compose(["modality=image", "objective=data2vec", "modality.image.pool=cls"])
+    apply_trainer_defaults(cfg, ["image"], ["modality.image.pool=cls"])
+    assert cfg.modality.image.pool == "cls"  # ... yields to the command line
