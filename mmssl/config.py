@@ -68,7 +68,9 @@ def compose(overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         msg = str(e).strip().splitlines()[0]
         if "Could not override" in msg or "not in struct" in str(e) or "Key '" in str(e):
-            key = next((o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in str(e)), None)
+            # the longest key the error names: modality.point.backbone.x, not the group override modality=point
+            named = [o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in str(e)]
+            key = max(named, key=len) if named else None
             top = ", ".join(k for k in ("run_dir", "init", "resume", "allow_config_change", "cache_dir", "encoder",
                                         "out", "split") + GROUPS)
             raise ConfigError(f"unknown key {key or msg!r}; top-level keys: {top} "

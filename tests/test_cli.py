@@ -19,6 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["pretrain", "objective=telepathy"], "unknown objective 'telepathy'; choose one of: clap, clip, cloob, data2vec, distill, hubert, mae, sd_further"),
     (["pretrain", "trainer.bogus=1"], "unknown key 'trainer.bogus'"),
     (["pretrain", "nonsense=3"], "unknown key 'nonsense'"),
+    (["pretrain", "modality=point", "modality.point.backbone.bogus=1"], "unknown key 'modality.point.backbone.bogus'"),
     (["pretrain", "model=gigantic"], "unknown model 'gigantic'; choose one of: base, micro, small, tiny"),
     (["pretrain", "resume=true"], "resume=true needs run_dir"),
     (["frobnicate"], "unknown command 'frobnicate'"),
