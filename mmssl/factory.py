@@ -53,8 +53,9 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
             raise KeyError(f"unknown model key {k!r}; choose one of: {', '.join(sorted(known))}")
         backbone[k] = v
     adapter = dict(modality_cfg.get("adapter") or {})
-    adapter.update(per_size.get("adapter") or {})
-    adapter.update(objective_defaults(modality_cfg, objective).get("adapter") or {})
+    for refine in (per_size.get("adapter"), objective_defaults(modality_cfg, objective).get("adapter")):
+        for k, v in (refine or {}).items():  # a nested entry (views) is refined key by key
+            adapter[k] = {**adapter[k], **v} if isinstance(v, dict) and isinstance(adapter.get(k), dict) else v
     oc = dict(modality_cfg.get("open_clip") or {})  # set when it names a model (model or model_cfg)
     return {
         "format_version": FORMAT_VERSION,

@@ -392,3 +392,21 @@ def test_defaults_by_encoder_size_yield_to_the_config() -> None:
     assert a.center.shape == (20,)
     b = toy_distill(out_dim=7, n_local=None, head_hidden_dim=None, sizes={"tiny": sizes["micro"]})
     assert b.head.config["out_dim"] == 7 and b.head.config["hidden_dim"] == 2048 and b.n_local == 8  # the paper's
+
+
+def test_micro_defaults_from_the_shipped_configs() -> None:
+    """The micro entry of configs/objective/distill.yaml and image's micro views, as a run builds them;
+    the command line still wins."""
+    from mmssl.config import compose, to_dict
+    from mmssl.factory import build_encoder, build_objective, encoder_config
+
+    cfg = compose(["modality=image", "objective=distill", "objective.momentum_base=0.9"])
+    mcfg = to_dict(cfg.modality.image)
+    enc_cfg = encoder_config("image", "micro", mcfg, {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64}, "distill")
+    views = enc_cfg["adapter"]["views"]
+    # the size refines two scales and keeps every other view key of the modality's
+    assert views["global_scale"] == [0.5, 1.0] and views["local_scale"] == [0.2, 0.5] and views["jitter_p"] == 0.8
+    obj = build_objective("distill", to_dict(cfg.objective), {"image": build_encoder(enc_cfg)}, {"image": mcfg})
+    assert obj.head.config["out_dim"] == 256 and obj.head.config["batch_norm"] is True
+    assert obj.teacher_temp == obj.warmup_teacher_temp == 0.04 and obj.n_local == 2
+    assert obj.momentum_base == 0.9  # the command line over the size's 0.98
