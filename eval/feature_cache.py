@@ -3,8 +3,8 @@
 Every evaluator that trains on frozen features (linear probe sweeps, k-NN, the layer-weighted probe)
 reads them from here, so an encoder passes over a split once however many probe variants, layers,
 poolings, label fractions and seeds follow. Features are keyed ``"<layer>:<pool>"``: ``-1`` is the
-encoder's final output (after the final norm), ``i >= 0`` block i's output; pools are ``mean`` (over
-real tokens) and ``cls`` (the first prefix token, final output only). ``"baseline"`` holds the
+encoder's final output (after the final norm), ``i >= 0`` block i's output; pools are ``mean`` and
+``max`` (over real tokens) and ``cls`` (the first prefix token, final output only). ``"baseline"`` holds the
 adapter's classical features. Files are safetensors (no pickle) written atomically."""
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource, iter_split
-from mmssl.encoder import Encoder, masked_mean
+from mmssl.encoder import POOLS, Encoder, pool_tokens
 from mmssl.modalities.base import ProbeTransform as Transform
 
-FORMAT = 2
+FORMAT = 3  # 3: max pooling cached too
 
 
 @dataclass
@@ -56,8 +56,8 @@ def _wanted(encoder: Encoder, layers: Sequence[int], pools: Sequence[str]) -> li
         if not -1 <= int(layer) < encoder.depth:
             raise ValueError(f"layer must be -1 (final output) or 0..{encoder.depth - 1}, got {layer}")
         for pool in pools:
-            if pool not in ("mean", "cls"):
-                raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
+            if pool not in POOLS:
+                raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
             if pool == "cls" and (int(layer) != -1 or encoder.prefix is None):
                 continue  # a CLS feature exists only at the output of an encoder with a prefix token
             out.append((int(layer), pool))
@@ -91,7 +91,7 @@ def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.dev
             if pool == "cls":
                 f = out.prefix[:, 0]
             else:
-                f = masked_mean(out.last if layer == -1 else out.layers[layer], out.pad)
+                f = pool_tokens(out.last if layer == -1 else out.layers[layer], out.pad, pool)
             cols[feature_key(layer, pool)].append(f.float().cpu())
         if baseline:
             cols["baseline"].append(encoder.adapter.baseline_features(b).float().cpu())
@@ -122,7 +122,7 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
         feats, labels, ids = _extract(encoder, source, split, device, batch_size, wanted, max_len, baseline, bad,
                                       transform)
         return FeatureSet(feats, labels, ids, dict(bad))
-    every = _wanted(encoder, [*range(encoder.depth), -1], ["mean", "cls"])
+    every = _wanted(encoder, [*range(encoder.depth), -1], list(POOLS))
     ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
                         "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
                         "variant": variant[0] if variant else None,

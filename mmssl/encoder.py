@@ -11,6 +11,10 @@ from mmssl.modalities.base import ModalityAdapter
 from mmssl.types import Batch, EncoderOutput, Tokens
 
 MaskMode = Literal["drop", "replace"]
+#: poolings of an encoder's tokens into one vector: ``mean`` over real tokens, ``max`` (per channel over
+#: real tokens: "is it anywhere", as multiple-instance lesion detection and PointNet read a set) and
+#: ``cls`` (the first prefix token, final output only)
+POOLS = ("mean", "max", "cls")
 
 
 def drop_hidden(tokens: Tokens, token_mask: torch.Tensor) -> tuple[Tokens, torch.Tensor]:
@@ -33,8 +37,8 @@ class Encoder(nn.Module):
     def __init__(self, adapter: ModalityAdapter, backbone: BackboneConfig, pool: str = "mean",
                  num_prefix: int = 0) -> None:
         super().__init__()
-        if pool not in ("mean", "cls"):
-            raise ValueError(f"pool must be 'mean' or 'cls', not {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
         if adapter.dim != backbone.dim:
             raise ValueError(f"adapter width {adapter.dim} != backbone width {backbone.dim}")
         self.adapter = adapter
@@ -94,7 +98,23 @@ class Encoder(nn.Module):
         if self.pool == "cls" and layer == -1:
             return out.prefix[:, 0]
         h = out.last if layer == -1 else out.layers[layer]
-        return masked_mean(h, out.pad)
+        return pool_tokens(h, out.pad, self.pool)
+
+
+def pool_tokens(h: torch.Tensor, pad: torch.Tensor, pool: str) -> torch.Tensor:
+    """h: [B, N, D], pad: [B, N] True = padding -> [B, D] by ``pool`` (mean or max over real tokens)."""
+    if pool == "mean":
+        return masked_mean(h, pad)
+    if pool == "max":
+        return masked_max(h, pad)
+    raise ValueError(f"token pooling must be mean or max, not {pool!r} (cls is the prefix token)")
+
+
+def masked_max(h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """h: [B, N, D], pad: [B, N] True = padding -> [B, D] channel-wise max over real tokens (0 for a
+    sample without any)."""
+    m = h.masked_fill(pad[..., None], float("-inf")).amax(1)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def masked_mean(h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -88,15 +88,27 @@ def build_encoder(cfg: dict[str, Any]) -> Encoder:
     return enc
 
 
+#: an objective's per-size tables (MAE's decoder_sizes, distill's sizes): the objective's yaml holds one for
+#: every modality, and a modality's ``objectives.<name>`` may refine single entries (MRI's micro MAE
+#: decoder). The command line reaches a size's value through the flat keys (objective.decoder_depth=...),
+#: which win over every table.
+SIZE_TABLES = ("decoder_sizes", "sizes")
+
+
 def merge_objective_cfg(name: str, cfg: dict[str, Any], modality_cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The objective's config with null keys filled from the modalities' ``objectives.<name>`` defaults
-    (a value set in the objective config or on the command line always wins)."""
+    (a value set in the objective config or on the command line always wins), except the per-size
+    tables (``SIZE_TABLES``), whose entries a modality refines key by key."""
     out: dict[str, Any] = {}
     for mcfg in modality_cfgs.values():
         for k, v in objective_defaults(mcfg, name).items():
             if k not in ("adapter", "trainer", "pool"):  # the tower's and the trainer's keys, not the objective's
                 out.setdefault(k, v)
+    tables = {k: out.pop(k) for k in SIZE_TABLES if isinstance(out.get(k), dict)}
     out.update({k: v for k, v in cfg.items() if v is not None or k not in out})
+    for k, mine in tables.items():  # a modality refines the size tables entry by entry
+        base = dict(out.get(k) or {})
+        out[k] = {size: {**(base.get(size) or {}), **(mine.get(size) or {})} for size in {*base, *mine}}
     return out
 
 

@@ -137,3 +137,22 @@ def test_embed_and_layers() -> None:
     assert e.shape == (2, 64) and e0.shape == (2, 64)
     assert len(out.layers) == 2
     assert not torch.allclose(e, e0)
+
+
+def test_token_pooling_ignores_padding() -> None:
+    from mmssl.encoder import masked_max, masked_mean, pool_tokens
+
+    h = torch.tensor([[[1.0, -2.0], [3.0, -1.0], [100.0, 100.0]],
+                      [[-5.0, -6.0], [7.0, 7.0], [7.0, 7.0]]])
+    pad = torch.tensor([[False, False, True], [False, True, True]])
+    torch.testing.assert_close(masked_max(h, pad), torch.tensor([[3.0, -1.0], [-5.0, -6.0]]))
+    torch.testing.assert_close(masked_mean(h, pad), torch.tensor([[2.0, -1.5], [-5.0, -6.0]]))
+    torch.testing.assert_close(pool_tokens(h, torch.ones_like(pad), "max"), torch.zeros(2, 2))  # no real token
+    with pytest.raises(ValueError, match="mean or max"):
+        pool_tokens(h, pad, "cls")
+    enc = tiny_encoder()
+    enc.pool = "max"
+    b = speech_batch([16000, 8000])
+    with torch.no_grad():
+        out = enc(b)
+        torch.testing.assert_close(enc.embed(b), masked_max(out.last, out.pad))

@@ -140,6 +140,9 @@ def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir:
     kw = dict(layers=(-1, 0), pools=("mean", "cls"), max_len=32, baseline=True, cache_root=tmp_path)
     a = encoder_features(enc, src, "val", torch.device("cpu"), 64, **kw)
     assert set(a.feats) == {"-1:mean", "-1:cls", "0:mean", "baseline"}  # no CLS feature of an inner block
+    mx = encoder_features(enc, src, "val", torch.device("cpu"), 64, layers=(0,), pools=("max",), max_len=32,
+                          cache_root=tmp_path).feats["0:max"]  # read from the same cache entry
+    assert mx.shape == (197, 32) and bool((mx >= a.feats["0:mean"] - 1e-5).all())  # a max is never below the mean
     assert a.feats["-1:cls"].shape == (197, 32) and a.labels.shape == (197,)
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1

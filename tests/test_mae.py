@@ -236,3 +236,18 @@ def test_modality_trainer_defaults_yield_to_the_command_line() -> None:
     cfg = compose(["modality=image", "objective=data2vec", "modality.image.pool=cls"])
     apply_trainer_defaults(cfg, ["image"], ["modality.image.pool=cls"])
     assert cfg.modality.image.pool == "cls"  # ... yields to the command line
+
+
+def test_modality_refines_the_decoder_size_table() -> None:
+    from mmssl.config import compose, to_dict
+    from mmssl.factory import merge_objective_cfg
+
+    def merged(args: list[str]) -> dict:
+        cfg = compose(args)
+        return merge_objective_cfg("mae", to_dict(cfg.objective), {k: to_dict(v) for k, v in cfg.modality.items()})
+
+    mri = merged(["modality=mri", "objective=mae"])
+    assert mri["decoder_sizes"]["micro"] == {"dim": 128, "depth": 1, "heads": 4}  # MRI's micro entry
+    assert mri["decoder_sizes"]["base"] == {"dim": 512, "depth": 8, "heads": 16}  # the other sizes: MAE's
+    assert merged(["modality=image", "objective=mae"])["decoder_sizes"]["micro"]["depth"] == 2
+    assert merged(["modality=mri", "objective=mae", "objective.decoder_depth=2"])["decoder_depth"] == 2
