@@ -4,8 +4,10 @@ Every evaluator that trains on frozen features (linear probe sweeps, k-NN, the l
 reads them from here, so an encoder passes over a split once however many probe variants, layers,
 poolings, label fractions and seeds follow. Features are keyed ``"<layer>:<pool>"``: ``-1`` is the
 encoder's final output (after the final norm), ``i >= 0`` block i's output; pools are ``mean`` and
-``max`` (over real tokens) and ``cls`` (the first prefix token, final output only). ``"baseline"`` holds the
-adapter's classical features. Files are safetensors (no pickle) written atomically."""
+``max`` (over real tokens), ``cls`` (the first prefix token, final output only) and ``meanmax``, the
+two concatenated ([n, 2D], DGCNN's global feature; built from the cached ``mean`` and ``max``, so it
+costs no extraction). ``"baseline"`` holds the adapter's classical features. Files are safetensors
+(no pickle) written atomically."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +27,8 @@ from mmssl.encoder import POOLS, Encoder, pool_tokens
 from mmssl.modalities.base import ProbeTransform as Transform
 
 FORMAT = 3  # 3: max pooling cached too
+#: poolings the probes read: the encoder's own (``POOLS``) plus ``meanmax``, [mean, max] side by side
+PROBE_POOLS = (*POOLS, "meanmax")
 
 
 @dataclass
@@ -56,8 +60,8 @@ def _wanted(encoder: Encoder, layers: Sequence[int], pools: Sequence[str]) -> li
         if not -1 <= int(layer) < encoder.depth:
             raise ValueError(f"layer must be -1 (final output) or 0..{encoder.depth - 1}, got {layer}")
         for pool in pools:
-            if pool not in POOLS:
-                raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+            if pool not in PROBE_POOLS:
+                raise ValueError(f"pool must be one of {', '.join(PROBE_POOLS)}, not {pool!r}")
             if pool == "cls" and (int(layer) != -1 or encoder.prefix is None):
                 continue  # a CLS feature exists only at the output of an encoder with a prefix token
             out.append((int(layer), pool))
@@ -72,6 +76,9 @@ def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.dev
              wanted: list[tuple[int, str]], max_len: int | None, baseline: bool,
              bad: Counter, transform: Transform | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     encoder.eval()
+    joined = [layer for layer, pool in wanted if pool == "meanmax"]
+    wanted = list(dict.fromkeys([w for w in wanted if w[1] != "meanmax"]
+                                + [(layer, p) for layer in joined for p in ("mean", "max")]))
     need_layers = any(layer >= 0 for layer, _ in wanted)
     cols: dict[str, list[torch.Tensor]] = {feature_key(*w): [] for w in wanted}
     if baseline:
@@ -99,7 +106,14 @@ def _extract(encoder: Encoder, source: DataSource, split: str, device: torch.dev
         ids.append(batch["sample_id"])
     if not ids:
         raise ValueError(f"split {split!r} of {source.root} has no usable samples")
-    return {k: torch.cat(v) for k, v in cols.items()}, torch.cat(labels), torch.cat(ids)
+    feats = {k: torch.cat(v) for k, v in cols.items()}
+    return {**feats, **{feature_key(layer, "meanmax"): meanmax(feats, layer) for layer in joined}}, \
+        torch.cat(labels), torch.cat(ids)
+
+
+def meanmax(feats: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """[n, 2D]: a layer's mean- and max-pooled features side by side (mean first)."""
+    return torch.cat([feats[feature_key(layer, "mean")], feats[feature_key(layer, "max")]], 1)
 
 
 def encoder_features(encoder: Encoder, source: DataSource, split: str, device: torch.device,
@@ -142,7 +156,9 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
         os.replace(tmp, path)  # the json first: a present .safetensors always has its meta
     t = load_file(str(path))
     meta = json.loads(path.with_suffix(".json").read_text())
-    return FeatureSet({k: t[f"f/{k}"] for k in keys}, t["labels"], t["ids"], meta["skipped"])
+    cached = {k[2:]: v for k, v in t.items() if k.startswith("f/")}
+    feats = {k: meanmax(cached, int(k.split(":")[0])) if k.endswith(":meanmax") else cached[k] for k in keys}
+    return FeatureSet(feats, t["labels"], t["ids"], meta["skipped"])
 
 
 def cache_root_for(cache_dir: Path | str | None, enabled: bool = True) -> Path | None:

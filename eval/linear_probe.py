@@ -61,12 +61,18 @@ def fit_select(keys: list[str], tr: FeatureSet, va: FeatureSet, te: FeatureSet, 
         return {"correct": r.test_correct, "val_accuracy": r.val_accuracy, "variant": f"{k}|C={r.C:g}"}
     if ecfg.get("solver", "sgd") != "sgd":
         raise ValueError(f"eval.solver must be 'sgd' or 'lbfgs', not {ecfg.get('solver')!r}")
-    variants = grid(keys, list(ecfg["lrs"]), list(ecfg["wds"]))
-    s = train_sweep(xtr, ytr, {k: va.feats[k] for k in keys}, va.labels, variants, num_classes,
-                    int(ecfg.get("epochs", 100)), int(ecfg.get("batch_size", 256)), device, seed)
-    pred = s.predict({k: te.feats[k] for k in keys}).cpu()
-    return {"correct": (pred == te.labels).float(), "val_accuracy": float(s.val_accuracy[s.best]),
-            "variant": s.variants[s.best].name()}
+    best = None
+    for width in sorted({xtr[k].shape[1] for k in keys}):  # one sweep per feature width (meanmax is 2D)
+        ks = [k for k in keys if xtr[k].shape[1] == width]
+        s = train_sweep({k: xtr[k] for k in ks}, ytr, {k: va.feats[k] for k in ks}, va.labels,
+                        grid(ks, list(ecfg["lrs"]), list(ecfg["wds"])), num_classes,
+                        int(ecfg.get("epochs", 100)), int(ecfg.get("batch_size", 256)), device, seed)
+        if best is None or s.val_accuracy[s.best] > best.val_accuracy[best.best]:  # ties: the narrower
+            best = s
+    assert best is not None
+    pred = best.predict({k: te.feats[k] for k in keys}).cpu()
+    return {"correct": (pred == te.labels).float(), "val_accuracy": float(best.val_accuracy[best.best]),
+            "variant": best.variants[best.best].name()}
 
 
 def probe_variants(enc: Encoder, init: Encoder, source: DataSource, splits: list[str], ecfg: dict[str, Any],

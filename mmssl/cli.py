@@ -363,6 +363,16 @@ def check_preprocessing(args: list[str], saved: dict[str, Any], where: Path) -> 
                              f"({have!r}, {where}/config.json): evaluation uses the saved preprocessing")
 
 
+def probe_pool_defaults(ecfg: dict[str, Any], modality_cfg: dict[str, Any]) -> dict[str, Any]:
+    """An evaluator that takes several poolings (``eval.pools``: the linear probe) and was given none
+    reads the modality's ``probe_pools`` (MRI: ``meanmax``, the mean and the max side by side: a small
+    lesion is lost in a mean over the head), the same for the trained and the step-0 encoder; without
+    one, the encoder's own pool."""
+    if "pools" in ecfg and ecfg["pools"] in (None, []) and modality_cfg.get("probe_pools"):
+        return {**ecfg, "pools": [str(p) for p in modality_cfg["probe_pools"]]}
+    return ecfg
+
+
 def cmd_eval(args: list[str]) -> int:
     import importlib
 
@@ -380,11 +390,15 @@ def cmd_eval(args: list[str]) -> int:
         out = Path(cfg.out) if cfg.out else enc_dir / "eval"
     else:
         d = _encoder_dir(rest)  # checked before composing: the keys may not exist in the default modality's config
-        check_preprocessing(rest, json.loads((d / "config.json").read_text()), d)
+        saved = json.loads((d / "config.json").read_text())
+        check_preprocessing(rest, saved, d)
         cfg, source, enc_dir, device = _eval_setup(rest)
         out = Path(cfg.out) if cfg.out else _default_out(enc_dir)
+    ecfg = to_dict(cfg.eval)
+    if args[0] not in PAIR_EVALUATORS:
+        ecfg = probe_pool_defaults(ecfg, to_dict(cfg.modality[saved["modality"]]))
     run = getattr(importlib.import_module(module), fn)
-    run(enc_dir, out, source, to_dict(cfg.eval), device, int(cfg.data.eval_batch_size), cache_dir(cfg))
+    run(enc_dir, out, source, ecfg, device, int(cfg.data.eval_batch_size), cache_dir(cfg))
     return 0
 
 

@@ -125,6 +125,29 @@ def test_sweep_learns_and_selects_on_validation() -> None:
     assert float(s.val_accuracy[[i for i, v in enumerate(s.variants) if v.feature == "noise"]].max()) < 0.45
 
 
+def test_fit_select_sweeps_each_feature_width_and_selects_across_them() -> None:
+    """Variants of different widths (mean: D, meanmax: 2D) are swept apart, and the one best on
+    validation wins across the sweeps; its test predictions come from that variant."""
+    from mmssl.eval.feature_cache import FeatureSet
+    from mmssl.eval.linear_probe import fit_select
+
+    xtr, ytr, xva, yva = _blobs(600, 8, 4, 5)
+    _, _, xte, yte = _blobs(600, 8, 4, 5)  # the same class means, other items
+    g = torch.Generator().manual_seed(1)
+
+    def side(x: torch.Tensor, y: torch.Tensor) -> FeatureSet:
+        noise = torch.randn(len(y), 8, generator=g)
+        return FeatureSet({"-1:mean": noise, "-1:meanmax": torch.cat([noise, x], 1)}, y, torch.arange(len(y)), {})
+
+    tr, va, te = side(xtr, ytr), side(xva, yva), side(xte, yte)
+    ecfg = {"solver": "sgd", "lrs": [0.1], "wds": [0.0], "epochs": 20, "batch_size": 128}
+    r = fit_select(["-1:mean", "-1:meanmax"], tr, va, te, torch.arange(600), ecfg, 4, torch.device("cpu"), 0)
+    assert r["variant"].startswith("-1:meanmax|")
+    assert float(r["correct"].mean()) > 0.6 and r["val_accuracy"] > 0.6
+    only = fit_select(["-1:mean"], tr, va, te, torch.arange(600), ecfg, 4, torch.device("cpu"), 0)
+    assert float(only["correct"].mean()) < 0.4  # noise alone: near chance (0.25)
+
+
 # -- the feature cache --------------------------------------------------------------------------------
 def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir: Path) -> None:
     from mmssl.config import compose, to_dict
@@ -143,6 +166,11 @@ def test_feature_cache_reads_back_and_keys_on_weights(tmp_path: Path, cache_dir:
     mx = encoder_features(enc, src, "val", torch.device("cpu"), 64, layers=(0,), pools=("max",), max_len=32,
                           cache_root=tmp_path).feats["0:max"]  # read from the same cache entry
     assert mx.shape == (197, 32) and bool((mx >= a.feats["0:mean"] - 1e-5).all())  # a max is never below the mean
+    mm = encoder_features(enc, src, "val", torch.device("cpu"), 64, layers=(0,), pools=("meanmax",), max_len=32,
+                          cache_root=tmp_path).feats["0:meanmax"]  # built from the cached mean and max
+    assert torch.equal(mm, torch.cat([a.feats["0:mean"], mx], 1))
+    direct = encoder_features(enc, src, "val", torch.device("cpu"), 64, layers=(0,), pools=("meanmax",), max_len=32)
+    torch.testing.assert_close(direct.feats["0:meanmax"], mm)  # and the same without a cache
     assert a.feats["-1:cls"].shape == (197, 32) and a.labels.shape == (197,)
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
@@ -271,3 +299,19 @@ def test_probe_variants_are_reported(image_run: Path, tmp_path: Path, monkeypatc
     assert v["even"]["accuracy"] > 0.3 and 0 <= v["even"]["random_init_accuracy"] <= 1
     # blank images carry no information: the probe can do no better than the majority class
     assert v["dark"]["accuracy"] < 0.2
+
+
+def test_probe_pools_default_to_the_modality_s_and_yield_to_eval_pools() -> None:
+    from mmssl.cli import probe_pool_defaults
+    from mmssl.config import compose, to_dict
+
+    def ecfg(evaluator: str, *over: str) -> dict:
+        return to_dict(compose([f"eval={evaluator}", *over]).eval)
+
+    mri = to_dict(compose(["modality=mri"]).modality.mri)
+    assert mri["probe_pools"] == ["meanmax"]
+    assert probe_pool_defaults(ecfg("linear_probe"), mri)["pools"] == ["meanmax"]
+    assert probe_pool_defaults(ecfg("linear_probe", "eval.pools=[mean]"), mri)["pools"] == ["mean"]
+    assert "pools" not in probe_pool_defaults(ecfg("knn"), mri)  # an evaluator of one pooling keeps its own
+    image = to_dict(compose(["modality=image"]).modality.image)
+    assert probe_pool_defaults(ecfg("linear_probe"), image)["pools"] is None  # the encoder's own pool
