@@ -155,7 +155,8 @@ def run_linear_probe(encoder_path: str | Path, out: str | Path, source: DataSour
         "num_classes": num_classes,
         "n_train": top["n_train"], "n_val": len(trained[1].labels), "n_test": len(trained[2].labels),
         "layer": layers[0] if len(layers) == 1 else layers, "layers": layers, "pools": pools,
-        "pool": enc.pool,
+        "pool": pools[0] if len(pools) == 1 else "|".join(pools),  # what the probe read (report.py shows it)
+        "encoder_pool": enc.pool,
         "solver": ecfg.get("solver", "sgd"),
         "features_baseline": type(enc.adapter).baseline_features.__doc__.strip().splitlines()[0]
         if type(enc.adapter).baseline_features.__doc__ else "baseline_features",

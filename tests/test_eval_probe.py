@@ -127,25 +127,28 @@ def test_sweep_learns_and_selects_on_validation() -> None:
 
 def test_fit_select_sweeps_each_feature_width_and_selects_across_them() -> None:
     """Variants of different widths (mean: D, meanmax: 2D) are swept apart, and the one best on
-    validation wins across the sweeps; its test predictions come from that variant."""
+    validation wins across the sweeps, whichever width it has; test predictions come from that one."""
     from mmssl.eval.feature_cache import FeatureSet
     from mmssl.eval.linear_probe import fit_select
 
-    xtr, ytr, xva, yva = _blobs(600, 8, 4, 5)
-    _, _, xte, yte = _blobs(600, 8, 4, 5)  # the same class means, other items
+    x, y, xh, yh = _blobs(1200, 8, 4, 5)  # 1,200 train items, 600 held out
+    splits = [(x[:600], y[:600]), (xh[:300], yh[:300]), (xh[300:], yh[300:])]  # train, val, test: disjoint
     g = torch.Generator().manual_seed(1)
-
-    def side(x: torch.Tensor, y: torch.Tensor) -> FeatureSet:
-        noise = torch.randn(len(y), 8, generator=g)
-        return FeatureSet({"-1:mean": noise, "-1:meanmax": torch.cat([noise, x], 1)}, y, torch.arange(len(y)), {})
-
-    tr, va, te = side(xtr, ytr), side(xva, yva), side(xte, yte)
     ecfg = {"solver": "sgd", "lrs": [0.1], "wds": [0.0], "epochs": 20, "batch_size": 128}
-    r = fit_select(["-1:mean", "-1:meanmax"], tr, va, te, torch.arange(600), ecfg, 4, torch.device("cpu"), 0)
-    assert r["variant"].startswith("-1:meanmax|")
-    assert float(r["correct"].mean()) > 0.6 and r["val_accuracy"] > 0.6
-    only = fit_select(["-1:mean"], tr, va, te, torch.arange(600), ecfg, 4, torch.device("cpu"), 0)
-    assert float(only["correct"].mean()) < 0.4  # noise alone: near chance (0.25)
+
+    def run(signal_in: str, keys: list[str]) -> dict:
+        sets = []
+        for xs, ys in splits:
+            noise = torch.randn(len(ys), 8, generator=g)
+            narrow, wide = (xs, torch.cat([noise, noise], 1)) if signal_in == "mean" else (noise, torch.cat([noise, xs], 1))
+            sets.append(FeatureSet({"-1:mean": narrow, "-1:meanmax": wide}, ys, torch.arange(len(ys)), {}))
+        return fit_select(keys, *sets, idx=torch.arange(600), ecfg=ecfg, num_classes=4, device=torch.device("cpu"), seed=0)
+
+    for where in ("meanmax", "mean"):  # the winner is the last sweep, then the first
+        r = run(where, ["-1:mean", "-1:meanmax"])
+        assert r["variant"].startswith(f"-1:{where}|")
+        assert float(r["correct"].mean()) > 0.6 and r["val_accuracy"] > 0.6
+    assert float(run("meanmax", ["-1:mean"])["correct"].mean()) < 0.4  # noise alone: near chance (0.25)
 
 
 # -- the feature cache --------------------------------------------------------------------------------

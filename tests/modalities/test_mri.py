@@ -362,6 +362,20 @@ def test_reconstruct_a_missing_contrast_end_to_end(tmp_path: Path, cache_dir: Pa
     r3 = reconstruct(run, case, tmp_path / "out4", contrasts=["t2"])
     assert set(r3["mse"]) == {"t2"} and np.isfinite(r3["mse"]["t2"]) and (tmp_path / "out3" / "t2.nii.gz").exists()
 
+    # the linear probe of an MRI encoder reads the modality's probe_pools unless eval.pools is given
+    import mmssl.eval.linear_probe as lp
+
+    seen: list[dict] = []
+    real = lp.run_linear_probe
+    try:
+        lp.run_linear_probe = lambda enc, out, source, ecfg, *a: seen.append(ecfg)  # type: ignore[assignment]
+        for extra in ([], ["eval.pools=[mean]"]):
+            assert main(["eval", "linear-probe", f"encoder={run}", "data=shards", f"data.path={data}",
+                         f"out={tmp_path / 'probe'}", *extra]) == 0
+    finally:
+        lp.run_linear_probe = real
+    assert [e["pools"] for e in seen] == [["meanmax"], ["mean"]]
+
 
 def test_infinite_voxels_are_a_bad_sample_and_nan_is_background(tmp_path: Path) -> None:
     vol = np.zeros((6, 6, 6), dtype=np.float32)
