@@ -236,6 +236,9 @@ def test_modality_trainer_defaults_yield_to_the_command_line() -> None:
     cfg = compose(["modality=image", "objective=data2vec", "modality.image.pool=cls"])
     apply_trainer_defaults(cfg, ["image"], ["modality.image.pool=cls"])
     assert cfg.modality.image.pool == "cls"  # ... yields to the command line
+    cfg = compose(["modality=point", "objective=mae"])
+    apply_trainer_defaults(cfg, ["point"], [])
+    assert (cfg.trainer.weight_decay, cfg.trainer.eps, cfg.trainer.schedule) == (0.05, 1e-8, "constant")  # Point-MAE's
 
 
 def test_modality_refines_the_decoder_size_table() -> None:
