@@ -388,15 +388,14 @@ def cmd_eval(args: list[str]) -> int:
     if args[0] in PAIR_EVALUATORS:
         cfg, source, enc_dir, device = _pair_setup(rest)
         out = Path(cfg.out) if cfg.out else enc_dir / "eval"
+        ecfg = to_dict(cfg.eval)
     else:
         d = _encoder_dir(rest)  # checked before composing: the keys may not exist in the default modality's config
         saved = json.loads((d / "config.json").read_text())
         check_preprocessing(rest, saved, d)
         cfg, source, enc_dir, device = _eval_setup(rest)
         out = Path(cfg.out) if cfg.out else _default_out(enc_dir)
-    ecfg = to_dict(cfg.eval)
-    if args[0] not in PAIR_EVALUATORS:
-        ecfg = probe_pool_defaults(ecfg, to_dict(cfg.modality[saved["modality"]]))
+        ecfg = probe_pool_defaults(to_dict(cfg.eval), to_dict(cfg.modality[saved["modality"]]))
     run = getattr(importlib.import_module(module), fn)
     run(enc_dir, out, source, ecfg, device, int(cfg.data.eval_batch_size), cache_dir(cfg))
     return 0
