@@ -98,10 +98,13 @@ class Backbone(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None, return_layers: bool = False,
-                return_ffn: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """x: [B, N, D], pad: [B, N] bool or None -> (last [B, N, D], layers, ffn outputs)."""
-        attn_mask = None
-        if pad is not None and bool(pad.any()):
+                return_ffn: bool = False, attn_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """x: [B, N, D], pad: [B, N] bool or None -> (last [B, N, D], layers, ffn outputs).
+
+        attn_mask: [B, 1, N, N] bool (True = query row may attend key column), for one-way attention
+        (Encoder.encode_queries); it replaces the key-padding mask built from ``pad``."""
+        if attn_mask is None and pad is not None and bool(pad.any()):
             attn_mask = (~pad)[:, None, None, :]  # [B, 1, 1, N], True = attend
         if not self.cfg.norm_first:
             x = self.norm(x)

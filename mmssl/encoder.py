@@ -91,6 +91,41 @@ class Encoder(nn.Module):
                             keep=keep, prefix=last[:, :n_prefix])
         return out
 
+    def encode_queries(self, tokens: Tokens, token_mask: torch.Tensor,
+                       query: torch.Tensor) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Drop-mode encoding of the visible tokens, plus the hidden tokens as content-only queries
+        (PCP-MAE's centre-predicting pass, Zhang et al., NeurIPS 2024).
+
+        token_mask: [B, N] bool, True = hidden; query: [D] a learned embedding the hidden tokens carry
+        in place of their position. Hidden tokens attend to the visible ones and to each other; visible
+        tokens never attend to hidden ones, so the visible outputs are the ``encode(tokens, token_mask,
+        "drop")`` outputs and carry nothing of the hidden content. Returns (EncoderOutput of the visible
+        tokens, query outputs [B, M, D], query_keep [B, M] int64 positions of the hidden tokens,
+        query_pad [B, M] bool)."""
+        if self.adapter.content_position is not None:
+            raise ValueError(f"encode_queries: modality {self.adapter.name!r} computes positions from "
+                             f"content (content_position), which hidden queries cannot carry")
+        token_mask = token_mask & ~tokens.pad
+        vis, keep = drop_hidden(tokens, token_mask)
+        hid, qkeep = drop_hidden(tokens, ~token_mask)  # keeps the hidden real tokens, in order
+        xv = vis.x.masked_fill(vis.pad[..., None], 0.0) + vis.pos
+        xq = hid.x.masked_fill(hid.pad[..., None], 0.0) + query.to(hid.x.dtype)
+        see_v = ~vis.pad  # [B, V]: the real visible tokens every query row may attend to
+        if self.prefix is not None:  # prefix tokens join the visible side
+            xv = torch.cat([self.prefix.expand(xv.shape[0], -1, -1).to(xv.dtype), xv], 1)
+            see_v = torch.cat([see_v.new_ones(see_v.shape[0], self.prefix.shape[1]), see_v], 1)
+        B, V, M = xv.shape[0], xv.shape[1], xq.shape[1]
+        rows_v = torch.cat([see_v, see_v.new_zeros(B, M)], 1)[:, None].expand(B, V, V + M)
+        rows_q = torch.cat([see_v, ~hid.pad], 1)[:, None].expand(B, M, V + M)
+        attn_mask = torch.cat([rows_v, rows_q], 1)  # [B, V+M, V+M]
+        # every row also sees itself: a padded row (or a sample without visible tokens) then has a key,
+        # so no row's softmax is empty (NaN); real rows already see themselves
+        attn_mask = (attn_mask | torch.eye(V + M, dtype=torch.bool, device=attn_mask.device))[:, None]
+        last, _, _ = self.backbone(torch.cat([xv, xq], 1), None, attn_mask=attn_mask)
+        P = V - vis.x.shape[1]
+        out = EncoderOutput(last=last[:, P:V], pad=vis.pad, index=vis.index, keep=keep, prefix=last[:, :P])
+        return out, last[:, V:], qkeep, hid.pad
+
     def embed(self, batch: Batch, layer: int = -1) -> torch.Tensor:
         """Pooled features [B, D]. layer=-1 is the final output (after the final norm when pre-norm);
         layer=i in [0, depth) is block i's output."""

@@ -48,6 +48,17 @@ class ModalityAdapter(nn.Module, ABC):
         targets, the vocabulary size for discrete ids."""
         raise TypeError(f"modality {self.name!r} defines no reconstruction target width")
 
+    @property
+    def coord_dim(self) -> int:
+        """Width C of ``token_coords``."""
+        raise TypeError(f"modality {self.name!r} defines no token coordinates")
+
+    def token_coords(self, batch: Batch) -> torch.Tensor:
+        """-> [B, N, C] where each token sits, in the adapter's geometric frame (point: its group's
+        centre in the normalised cloud), aligned with ``tokenize``: what an objective may ask the encoder
+        to locate (MAE's ``locate_weight``). ``pos`` embeds these coordinates; they are not content."""
+        raise TypeError(f"modality {self.name!r} defines no token coordinates")
+
     @abstractmethod
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pred, target: [B, N, P]; mask: [B, N] bool (True = count) -> scalar."""

@@ -254,3 +254,92 @@ def test_modality_refines_the_decoder_size_table() -> None:
     assert mri["decoder_sizes"]["base"] == {"dim": 512, "depth": 8, "heads": 16}  # the other sizes: MAE's
     assert merged(["modality=image", "objective=mae"])["decoder_sizes"]["micro"]["depth"] == 2
     assert merged(["modality=mri", "objective=mae", "objective.decoder_depth=2"])["decoder_depth"] == 2
+
+
+class ToyWithCoords(Toy):
+    """The toy adapter with 2-D token coordinates: row n sits at (n, n^2 / 10)."""
+
+    @property
+    def coord_dim(self) -> int:
+        return 2
+
+    def token_coords(self, batch: Batch) -> torch.Tensor:
+        B, N = batch["toy"].shape[:2]
+        n = torch.arange(N, dtype=torch.float32)
+        return torch.stack([n, n * n / 10], -1)[None].expand(B, -1, -1)
+
+
+def toy_locate_mae(prefix: int = 0, weight: float = 0.5) -> MAE:
+    torch.manual_seed(0)
+    enc = Encoder(ToyWithCoords(32, {"P": 6}), BackboneConfig(dim=32, depth=2, heads=4, ffn_dim=64),
+                  num_prefix=prefix)
+    enc.config = {"size": "micro"}
+    return MAE(("toy", enc), {"mask_ratio": 0.75, "mask_mode": "drop", "decoder_dim": 16, "decoder_depth": 1,
+                              "decoder_heads": 2, "locate_weight": weight})
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_encode_queries_leaves_the_visible_encoding_as_drop_mode(prefix: int) -> None:
+    m = toy_locate_mae(prefix).eval()
+    enc = m.encoder
+    batch = {"toy": torch.randn(3, 12, 6), "toy_len": torch.tensor([12, 9, 5])}
+    tok = enc.adapter.tokenize(batch)
+    torch.manual_seed(2)
+    hidden = enc.adapter.make_mask(tok, 0.6)
+    ref = enc.encode(tok, hidden, "drop")
+    out, q, q_keep, q_pad = enc.encode_queries(tok, hidden, m.query_embed)
+    real = ~ref.pad
+    assert torch.equal(out.keep, ref.keep) and torch.equal(out.pad, ref.pad)
+    assert torch.allclose(out.last[real], ref.last[real], atol=1e-5)
+    assert torch.allclose(out.prefix, ref.prefix, atol=1e-5)
+    # the queries are exactly the hidden real tokens, in order
+    h = hidden & ~tok.pad
+    assert q.shape[:2] == q_keep.shape == q_pad.shape and q.shape[1] == int(h.sum(1).max())
+    for b in range(3):
+        assert q_keep[b][~q_pad[b]].tolist() == h[b].nonzero().flatten().tolist()
+    # hidden content and hidden positions never reach the visible outputs; the queries read the content
+    # but not the positions
+    x2, p2 = tok.x.clone(), tok.pos.clone()
+    x2[h] += 4.0 * torch.randn_like(x2[h])  # not a constant: LayerNorm would remove a shift
+    p2[h] -= 3.0 * torch.randn_like(p2[h])
+    out_x, q_x, _, _ = enc.encode_queries(Tokens(x2, tok.pos, tok.pad, tok.index), hidden, m.query_embed)
+    out_p, q_p, _, _ = enc.encode_queries(Tokens(tok.x, p2, tok.pad, tok.index), hidden, m.query_embed)
+    assert torch.allclose(out_x.last[real], out.last[real], atol=1e-5)
+    assert torch.allclose(out_p.last[real], out.last[real], atol=1e-5)
+    assert torch.allclose(q_p[~q_pad], q[~q_pad], atol=1e-5)
+    assert not torch.allclose(q_x[~q_pad], q[~q_pad], atol=1e-3)
+
+
+def test_locate_loss_is_the_hand_formula_beside_the_unchanged_reconstruction() -> None:
+    m = toy_locate_mae(weight=0.5).eval()
+    batch = {"toy": torch.randn(3, 12, 6), "toy_len": torch.full((3,), 12)}
+    torch.manual_seed(5)
+    noise = torch.rand(3, 12)
+    torch.manual_seed(5)
+    out = m(batch)
+    # the reconstruction term is MAE's, as without the centre prediction
+    recon = reference_mae_loss(m, batch, noise)
+    assert torch.allclose(out.metrics["recon_loss"], recon, atol=1e-6)
+    # the centre term: squared error summed over the 2 coordinates, mean over the 9 hidden tokens a sample
+    enc = m.encoder
+    tok = enc.adapter.tokenize(batch)
+    hidden = torch.zeros(3, 12, dtype=torch.bool)
+    hidden.scatter_(1, noise.argsort(1)[:, 3:], True)
+    _, q, q_keep, _ = enc.encode_queries(tok, hidden, m.query_embed)
+    pred = m.locate_head(q)  # [3, 9, 2]
+    n = q_keep.float()
+    where = torch.stack([n, n * n / 10], -1)
+    locate = ((pred - where) ** 2).sum(-1).mean()
+    assert torch.allclose(out.metrics["locate_loss"], locate, atol=1e-5)
+    assert torch.allclose(out.loss, recon + 0.5 * locate, atol=1e-5)
+    assert set(m.heads()) == {"mae_decoder", "mae_locate"}
+
+
+def test_locate_needs_coordinates_and_drop_mode() -> None:
+    enc = Encoder(Toy(32, {"P": 6}), BackboneConfig(dim=32, depth=1, heads=4, ffn_dim=64))
+    with pytest.raises(ValueError, match="no token coordinates"):
+        MAE(("toy", enc), {"mask_ratio": 0.5, "locate_weight": 0.1})
+    enc = Encoder(ToyWithCoords(32, {"P": 6}), BackboneConfig(dim=32, depth=1, heads=4, ffn_dim=64))
+    with pytest.raises(ValueError, match="mask_mode=drop"):
+        MAE(("toy", enc), {"mask_ratio": 0.5, "mask_mode": "replace", "locate_weight": 0.1})
+    assert MAE(("toy", enc), {"mask_ratio": 0.5}).locate_head is None  # off unless asked

@@ -8,8 +8,17 @@ pre-norm transformer decoder sees the visible outputs plus one shared mask token
 each with the adapter's (content-free) position projected to the decoder width, and predicts the
 adapter's ``targets``; ``adapter.recon_loss`` scores the hidden tokens only.
 
-Defaults per modality (mask ratio, mask mode, decoder) come from ``objectives.mae`` in the modality
-config; decoder sizes default per encoder size (``decoder_sizes`` in configs/objective/mae.yaml)."""
+``locate_weight`` > 0 adds PCP-MAE's centre prediction (Zhang et al., NeurIPS 2024): the hidden tokens
+also enter the encoder as content without position (``Encoder.encode_queries``: they attend to the
+visible tokens, which never attend to them), and a linear head on their outputs regresses where they
+sit (``adapter.token_coords``, mean squared error summed over the coordinates). Given the hidden
+positions, a decoder can rebuild a point group from its neighbours' centres with little help from the
+encoder; placing a group within the visible shape needs the shape. The decoder keeps the true
+positions (PCP-MAE's "predicted centres not to the decoder" variant), so no hidden content reaches it.
+
+Defaults per modality (mask ratio, mask mode, decoder, locate weight) come from ``objectives.mae`` in
+the modality config; decoder sizes default per encoder size (``decoder_sizes`` in
+configs/objective/mae.yaml)."""
 from __future__ import annotations
 
 from typing import Any
@@ -83,6 +92,26 @@ class MAE(Objective):
         choice = cfg.get("head_on_hidden", "auto")
         self.head_on_hidden = adapter.target_dim >= 4096 if choice in (None, "auto") else bool(choice)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.locate_weight = float(cfg.get("locate_weight") or 0.0)
+        self.query_embed: nn.Parameter | None = None
+        self.locate_head: nn.Linear | None = None
+        if self.locate_weight < 0:
+            raise ValueError(f"objective.locate_weight must be >= 0, got {self.locate_weight}")
+        if self.locate_weight > 0:
+            if self.mask_mode != "drop":
+                raise ValueError("objective.locate_weight needs mask_mode=drop: hidden tokens enter the "
+                                 "encoder as queries beside the visible ones")
+            try:
+                coord_dim = adapter.coord_dim
+            except TypeError as e:
+                raise ValueError(f"objective.locate_weight > 0: {e}") from None
+            # the hidden tokens' stand-in for their position; a small head (std 0.02, as PCP-MAE's
+            # trunc-normal init) so the first predictions sit near the centre of the frame
+            self.query_embed = nn.Parameter(torch.zeros(encoder.dim))
+            nn.init.trunc_normal_(self.query_embed, std=0.02)
+            self.locate_head = nn.Linear(encoder.dim, coord_dim)
+            nn.init.trunc_normal_(self.locate_head.weight, std=0.02)
+            nn.init.zeros_(self.locate_head.bias)
         for m in [self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.decoder.modules()]:
             if isinstance(m, nn.Linear):  # MAE's initialisation: xavier-uniform linears, zero biases
                 nn.init.xavier_uniform_(m.weight)
@@ -98,7 +127,12 @@ class MAE(Objective):
         h.decoder_embed, h.decoder_pos, h.decoder, h.decoder_pred = (self.decoder_embed, self.decoder_pos,
                                                                     self.decoder, self.decoder_pred)
         h.mask_token = self.mask_token
-        return {"mae_decoder": h}
+        out = {"mae_decoder": h}
+        if self.locate_head is not None:
+            loc = nn.Module()
+            loc.query_embed, loc.head = self.query_embed, self.locate_head
+            out["mae_locate"] = loc
+        return out
 
     def decode(self, tokens: Tokens, out: EncoderOutput) -> torch.Tensor:
         """Encoder output -> decoder features at every token position [B, N, E] (prefix tokens join the
@@ -129,6 +163,13 @@ class MAE(Objective):
             if corrupted is not batch:
                 tokens = adapter.tokenize(corrupted)
             out = enc.encode(tokens, replace & hidden, "replace")
+        elif self.locate_head is not None:
+            out, q, q_keep, q_pad = enc.encode_queries(tokens, hidden, self.query_embed)
+            coords = adapter.token_coords(batch)
+            where = torch.gather(coords, 1, q_keep[..., None].expand(-1, -1, coords.shape[-1]))
+            err = (self.locate_head(q).float() - where.float()).pow(2).sum(-1)  # [B, M]
+            real = (~q_pad).float()
+            locate = (err * real).sum() / real.sum().clamp_min(1.0)
         else:
             out = enc.encode(tokens, hidden, "drop")
         y = self.decode(tokens, out)
@@ -144,6 +185,9 @@ class MAE(Objective):
         real = (~tokens.pad).float().sum().clamp_min(1.0)
         metrics: dict[str, Any] = {"mask_fraction": hidden.float().sum() / real,
                                    "visible_tokens": real - hidden.float().sum()}
+        if self.locate_head is not None:
+            metrics["recon_loss"], metrics["locate_loss"] = loss.detach(), locate.detach()
+            loss = loss + self.locate_weight * locate
         if not tgt.is_floating_point():  # discrete ids: how many hidden tokens the head gets right
             right = (pred.argmax(-1) == tgt[..., 0]) & count
             metrics["acc_hidden"] = right.float().sum() / count.float().sum().clamp_min(1.0)

@@ -219,6 +219,14 @@ class PointAdapter(ModalityAdapter):
         _, local, _ = self.group(batch)
         return local.flatten(2)
 
+    @property
+    def coord_dim(self) -> int:
+        return 3
+
+    def token_coords(self, batch: Batch) -> torch.Tensor:
+        """Each group's centre in the normalised cloud [B, G, 3] (what ``pos`` embeds)."""
+        return self.group(batch)[0]
+
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Point-MAE's Chamfer L2 between predicted and true group points, averaged over the groups
         where ``mask`` is True. pred, target [B, N, k*3]; mask [B, N]."""

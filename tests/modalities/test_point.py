@@ -118,6 +118,8 @@ def test_tokens_shapes_padding_and_positions_from_centres() -> None:
     assert torch.equal(pad, t.pad) and local.shape == (3, 8, 4, 3)
     with torch.no_grad():
         assert torch.allclose(t.pos, ad.pos_embed(centres))
+    # token_coords are what pos embeds (the centres MAE's locate head regresses)
+    assert ad.coord_dim == 3 and torch.equal(ad.token_coords(b), centres)
     # the nearest neighbour of each centre is itself: local coordinate 0
     assert (local[:, :, 0] == 0).all()
     # padding content never matters: garbage after point_len gives the same tokens
@@ -429,7 +431,7 @@ def test_modality_config_and_end_to_end_mae_step() -> None:
     assert enc.config["preprocessing"]["max_len"] == micro
     obj = build_objective("mae", dict(to_dict(cfg.objective), decoder_dim=16, decoder_depth=1, decoder_heads=2),
                           {"point": enc}, {"point": mc})
-    assert obj.mask_ratio == 0.6
+    assert obj.mask_ratio == 0.6 and obj.locate_weight == 0.1  # PCP-MAE's centre prediction, on by default
     b = _batch(2, 256)
     b["point_len"] = torch.tensor([256, 100])
     out = obj(b)
@@ -439,6 +441,8 @@ def test_modality_config_and_end_to_end_mae_step() -> None:
     assert enc.adapter.group_embed.first[0].weight.grad.abs().sum() > 0
     assert enc.adapter.pos_embed[0].weight.grad.abs().sum() > 0
     assert float(out.metrics["mask_fraction"]) == pytest.approx(1 - int(32 * 0.4) / 32, abs=0.05)
+    assert loss == pytest.approx(float(out.metrics["recon_loss"]) + 0.1 * float(out.metrics["locate_loss"]), rel=1e-5)
+    assert obj.locate_head.weight.grad.abs().sum() > 0
 
 
 def test_ply_with_a_bad_element_count_is_a_bad_sample() -> None:
