@@ -31,6 +31,19 @@ def test_inherits_the_modalitys_mae_defaults() -> None:
     assert objective_defaults(cfg, "mae") == cfg["objectives"]["mae"]
 
 
+def test_point_centre_prediction_is_inherited_and_can_be_turned_off() -> None:
+    from mmssl.config import compose, to_dict
+    from mmssl.factory import merge_objective_cfg
+
+    def weight(args: list[str]) -> float:
+        cfg = compose(["modality=point", "objective=sd_further", *args])
+        return merge_objective_cfg("sd_further", to_dict(cfg.objective),
+                                   {"point": to_dict(cfg.modality.point)})["locate_weight"]
+
+    assert weight([]) == 0.1  # point's MAE default
+    assert weight(["objective.locate_weight=0"]) == 0  # a command-line key, as under objective=mae
+
+
 def _run(data: Path, run: Path, *extra: str) -> list[str]:
     return ["pretrain", "data=shards", f"data.path={data}", f"run_dir={run}", "trainer.max_steps=2",
             "trainer.batch_size=8", "trainer.warmup_steps=1", "trainer.log_every=1", "trainer.num_workers=0",
