@@ -70,7 +70,7 @@ class Encoder(nn.Module):
             token_mask = token_mask & ~tokens.pad
             if mask_mode == "replace":
                 x = torch.where(token_mask[..., None], self.mask_embedding.to(tokens.x.dtype), tokens.x)
-                tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index)
+                tokens = Tokens(x, tokens.pos, tokens.pad, tokens.index, tokens.coords)
             elif mask_mode == "drop":
                 tokens, keep = drop_hidden(tokens, token_mask)
             else:
@@ -80,16 +80,20 @@ class Encoder(nn.Module):
         x = tokens.x.masked_fill(pad[..., None], 0.0) + tokens.pos
         if self.adapter.content_position is not None:
             x = x + self.adapter.content_position(x, pad)
-        n_prefix = 0
-        if self.prefix is not None:
-            n_prefix = self.prefix.shape[1]
-            x = torch.cat([self.prefix.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
-            pad = torch.cat([pad.new_zeros(x.shape[0], n_prefix), pad], 1)
+        x, pad, n_prefix = self._with_prefix(x, pad)
         last, layers, ffn = self.backbone(x, pad, return_layers, return_ffn)
         out = EncoderOutput(last=last[:, n_prefix:], pad=tokens.pad, index=tokens.index,
                             layers=[h[:, n_prefix:] for h in layers], ffn=[f[:, n_prefix:] for f in ffn],
                             keep=keep, prefix=last[:, :n_prefix])
         return out
+
+    def _with_prefix(self, x: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prepend the prefix tokens (never padding): x [B, N, D], pad [B, N] -> ([B, P+N, D], [B, P+N], P)."""
+        if self.prefix is None:
+            return x, pad, 0
+        n = self.prefix.shape[1]
+        x = torch.cat([self.prefix.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+        return x, torch.cat([pad.new_zeros(x.shape[0], n), pad], 1), n
 
     def encode_queries(self, tokens: Tokens, token_mask: torch.Tensor,
                        query: torch.Tensor) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,12 +112,10 @@ class Encoder(nn.Module):
         token_mask = token_mask & ~tokens.pad
         vis, keep = drop_hidden(tokens, token_mask)
         hid, qkeep = drop_hidden(tokens, ~token_mask)  # keeps the hidden real tokens, in order
-        xv = vis.x.masked_fill(vis.pad[..., None], 0.0) + vis.pos
+        # prefix tokens join the visible side
+        xv, pad_v, P = self._with_prefix(vis.x.masked_fill(vis.pad[..., None], 0.0) + vis.pos, vis.pad)
         xq = hid.x.masked_fill(hid.pad[..., None], 0.0) + query.to(hid.x.dtype)
-        see_v = ~vis.pad  # [B, V]: the real visible tokens every query row may attend to
-        if self.prefix is not None:  # prefix tokens join the visible side
-            xv = torch.cat([self.prefix.expand(xv.shape[0], -1, -1).to(xv.dtype), xv], 1)
-            see_v = torch.cat([see_v.new_ones(see_v.shape[0], self.prefix.shape[1]), see_v], 1)
+        see_v = ~pad_v  # [B, V]: the prefix and real visible tokens every row may attend to
         B, V, M = xv.shape[0], xv.shape[1], xq.shape[1]
         rows_v = torch.cat([see_v, see_v.new_zeros(B, M)], 1)[:, None].expand(B, V, V + M)
         rows_q = torch.cat([see_v, ~hid.pad], 1)[:, None].expand(B, M, V + M)
@@ -122,7 +124,6 @@ class Encoder(nn.Module):
         # so no row's softmax is empty (NaN); real rows already see themselves
         attn_mask = (attn_mask | torch.eye(V + M, dtype=torch.bool, device=attn_mask.device))[:, None]
         last, _, _ = self.backbone(torch.cat([xv, xq], 1), None, attn_mask=attn_mask)
-        P = V - vis.x.shape[1]
         out = EncoderOutput(last=last[:, P:V], pad=vis.pad, index=vis.index, keep=keep, prefix=last[:, :P])
         return out, last[:, V:], qkeep, hid.pad
 

@@ -17,19 +17,23 @@ class Tokens:
     pos:   [B, N, D] positional embeddings; never a function of content.
     pad:   [B, N] bool, True = padding.
     index: [B, N, k] int64 coordinates of each token (frame; row, col; ...).
+    coords: [B, N, C] float, optional: where each token sits in the adapter's geometric frame (point:
+           its group's centre), what ``pos`` embeds; MAE's centre prediction regresses it.
     """
 
     x: torch.Tensor
     pos: torch.Tensor
     pad: torch.Tensor
     index: torch.Tensor
+    coords: torch.Tensor | None = None
 
     def select(self, keep: torch.Tensor) -> "Tokens":
         """Gather tokens by index. keep: [B, M] int64 -> Tokens with N = M."""
         def g(t: torch.Tensor) -> torch.Tensor:
             return torch.gather(t, 1, keep.view(*keep.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
 
-        return Tokens(g(self.x), g(self.pos), g(self.pad), g(self.index))
+        return Tokens(g(self.x), g(self.pos), g(self.pad), g(self.index),
+                      None if self.coords is None else g(self.coords))
 
 
 @dataclass

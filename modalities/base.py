@@ -50,13 +50,8 @@ class ModalityAdapter(nn.Module, ABC):
 
     @property
     def coord_dim(self) -> int:
-        """Width C of ``token_coords``."""
-        raise TypeError(f"modality {self.name!r} defines no token coordinates")
-
-    def token_coords(self, batch: Batch) -> torch.Tensor:
-        """-> [B, N, C] where each token sits, in the adapter's geometric frame (point: its group's
-        centre in the normalised cloud), aligned with ``tokenize``: what an objective may ask the encoder
-        to locate (MAE's ``locate_weight``). ``pos`` embeds these coordinates; they are not content."""
+        """Width C of ``Tokens.coords``, for adapters whose ``tokenize`` fills it (point: 3, the group
+        centres): what an objective may ask the encoder to locate (MAE's ``locate_weight``)."""
         raise TypeError(f"modality {self.name!r} defines no token coordinates")
 
     @abstractmethod

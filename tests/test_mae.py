@@ -263,10 +263,12 @@ class ToyWithCoords(Toy):
     def coord_dim(self) -> int:
         return 2
 
-    def token_coords(self, batch: Batch) -> torch.Tensor:
-        B, N = batch["toy"].shape[:2]
+    def tokenize(self, batch: Batch) -> Tokens:
+        t = super().tokenize(batch)
+        B, N = t.pad.shape
         n = torch.arange(N, dtype=torch.float32)
-        return torch.stack([n, n * n / 10], -1)[None].expand(B, -1, -1)
+        t.coords = torch.stack([n, n * n / 10], -1)[None].expand(B, -1, -1)
+        return t
 
 
 def toy_locate_mae(prefix: int = 0, weight: float = 0.5) -> MAE:

@@ -116,7 +116,8 @@ def repeat_tokens(tokens: Tokens, m: int) -> Tokens:
     def r(t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(m, 0)
 
-    return Tokens(r(tokens.x), r(tokens.pos), r(tokens.pad), r(tokens.index))
+    return Tokens(r(tokens.x), r(tokens.pos), r(tokens.pad), r(tokens.index),
+                  None if tokens.coords is None else r(tokens.coords))
 
 
 @OBJECTIVES.register("data2vec")

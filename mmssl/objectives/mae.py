@@ -11,7 +11,7 @@ adapter's ``targets``; ``adapter.recon_loss`` scores the hidden tokens only.
 ``locate_weight`` > 0 adds PCP-MAE's centre prediction (Zhang et al., NeurIPS 2024): the hidden tokens
 also enter the encoder as content without position (``Encoder.encode_queries``: they attend to the
 visible tokens, which never attend to them), and a linear head on their outputs regresses where they
-sit (``adapter.token_coords``, mean squared error summed over the coordinates). Given the hidden
+sit (``Tokens.coords``, mean squared error summed over the coordinates). Given the hidden
 positions, a decoder can rebuild a point group from its neighbours' centres with little help from the
 encoder; placing a group within the visible shape needs the shape. The decoder keeps the true
 positions (PCP-MAE's "predicted centres not to the decoder" variant), so no hidden content reaches it.
@@ -165,7 +165,9 @@ class MAE(Objective):
             out = enc.encode(tokens, replace & hidden, "replace")
         elif self.locate_head is not None:
             out, q, q_keep, q_pad = enc.encode_queries(tokens, hidden, self.query_embed)
-            coords = adapter.token_coords(batch)
+            coords = tokens.coords
+            if coords is None:
+                raise ValueError(f"objective.locate_weight > 0: modality {self.modality!r} tokens carry no coords")
             where = torch.gather(coords, 1, q_keep[..., None].expand(-1, -1, coords.shape[-1]))
             err = (self.locate_head(q).float() - where.float()).pow(2).sum(-1)  # [B, M]
             real = (~q_pad).float()

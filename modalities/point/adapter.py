@@ -194,13 +194,14 @@ class PointAdapter(ModalityAdapter):
         return centres, local, pad
 
     def embed_groups(self, centres: torch.Tensor, local: torch.Tensor, pad: torch.Tensor) -> Tokens:
-        """Groups -> Tokens: x = mini-PointNet(local), pos = MLP(centres), index = group id [B, G, 1]."""
+        """Groups -> Tokens: x = mini-PointNet(local), pos = MLP(centres), index = group id [B, G, 1],
+        coords = the centres [B, G, 3]."""
         w = self.group_embed.first[0].weight
         x = self.group_embed(local.to(w.dtype))
         pos = self.pos_embed(centres.to(w.dtype))
         B, G = pad.shape
         index = torch.arange(G, device=pad.device)[None, :, None].expand(B, -1, -1)
-        return Tokens(x=x, pos=pos, pad=pad, index=index)
+        return Tokens(x=x, pos=pos, pad=pad, index=index, coords=centres)
 
     # -- tokens ---------------------------------------------------------------------------------------
     def tokenize(self, batch: Batch) -> Tokens:
@@ -222,10 +223,6 @@ class PointAdapter(ModalityAdapter):
     @property
     def coord_dim(self) -> int:
         return 3
-
-    def token_coords(self, batch: Batch) -> torch.Tensor:
-        """Each group's centre in the normalised cloud [B, G, 3] (what ``pos`` embeds)."""
-        return self.group(batch)[0]
 
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Point-MAE's Chamfer L2 between predicted and true group points, averaged over the groups

@@ -118,8 +118,8 @@ def test_tokens_shapes_padding_and_positions_from_centres() -> None:
     assert torch.equal(pad, t.pad) and local.shape == (3, 8, 4, 3)
     with torch.no_grad():
         assert torch.allclose(t.pos, ad.pos_embed(centres))
-    # token_coords are what pos embeds (the centres MAE's locate head regresses)
-    assert ad.coord_dim == 3 and torch.equal(ad.token_coords(b), centres)
+    # coords are what pos embeds (the centres MAE's locate head regresses)
+    assert ad.coord_dim == 3 and torch.equal(t.coords, centres)
     # the nearest neighbour of each centre is itself: local coordinate 0
     assert (local[:, :, 0] == 0).all()
     # padding content never matters: garbage after point_len gives the same tokens
