@@ -140,7 +140,7 @@ def encoder_features(encoder: Encoder, source: DataSource, split: str, device: t
     ident = json.dumps({"format": FORMAT, "weights": weights_hash(encoder), "data": source.fingerprint,
                         "root": str(Path(source.root).resolve()), "split": split, "max_len": max_len,
                         "variant": variant[0] if variant else None,
-                        "encoder": {k: v for k, v in getattr(encoder, "config", {}).items() if k not in ("step", "objective")}},
+                        "encoder": {k: v for k, v in encoder.config.items() if k not in ("step", "objective")}},
                        sort_keys=True, default=str)  # the architecture too: equal weights, other heads
     path = Path(cache_root) / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors"
     if not path.exists():

@@ -34,7 +34,7 @@ def extract(fn: Callable[[Batch], torch.Tensor], source: DataSource, split: str,
 def input_size(encoder: Encoder) -> int | None:
     """The input size an encoder was trained on (its preprocessing ``max_len``: an image side, a text
     context), so evaluation feeds it the same; None where inputs are taken whole (speech)."""
-    v = (getattr(encoder, "config", None) or {}).get("preprocessing", {}).get("max_len")
+    v = encoder.config.get("preprocessing", {}).get("max_len")
     return None if v is None else int(v)
 
 
@@ -54,7 +54,7 @@ def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Enc
         d = resolve_encoder_dir(Path(path), trained.adapter.name, which="encoders_init")
     except (FileNotFoundError, ValueError):  # an import, or a run without step-0 weights
         torch.manual_seed(seed)
-        return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"  # type: ignore[attr-defined]
+        return build_encoder(trained.config).eval(), f"fresh_init_seed{seed}"
     init = load_encoder(d)  # weights that do not fit are an error, not a silent fallback
     return init, step0_label(init)
 
@@ -62,5 +62,5 @@ def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Enc
 def step0_label(encoder: Encoder) -> str:
     """"step0", or what the step-0 weights really are when they came from a file (an open_clip tower
     built from a weights file is not a random initialisation)."""
-    src = ((getattr(encoder, "config", None) or {}).get("open_clip") or {}).get("initialised_from")
+    src = (encoder.config.get("open_clip") or {}).get("initialised_from")
     return f"step0 (loaded from {src}: not random)" if src else "step0"

@@ -88,7 +88,7 @@ def confusion(pred: torch.Tensor, labels: torch.Tensor, C: int) -> list[list[int
 # -- the evaluator --------------------------------------------------------------------------------------
 def _load_pair(path: str | Path, which: str, device: torch.device) -> Any:
     """The lead's loader, imported late (tests replace this function with a fake pair)."""
-    from mmssl.objectives.contrastive import load_pair
+    from mmssl.export import load_pair
 
     return load_pair(path, which=which, device=device)
 

@@ -32,7 +32,13 @@ def drop_hidden(tokens: Tokens, token_mask: torch.Tensor) -> tuple[Tokens, torch
 
 
 class Encoder(nn.Module):
-    """forward(batch) -> EncoderOutput(last [B,N,D], layers, pad); embed(batch) -> [B, D]."""
+    """forward(batch) -> EncoderOutput(last [B,N,D], layers, pad); embed(batch) -> [B, D].
+
+    ``config`` is the tower's complete description (``mmssl.factory.encoder_config`` plus the adapter's
+    ``preprocessing``), written into an export's ``config.json``; ``build_encoder`` fills it, and an
+    Encoder built by hand has an empty one."""
+
+    config: dict
 
     def __init__(self, adapter: ModalityAdapter, backbone: BackboneConfig, pool: str = "mean",
                  num_prefix: int = 0) -> None:
@@ -52,6 +58,7 @@ class Encoder(nn.Module):
         # HuBERT initialises its mask embedding uniformly in [0, 1).
         self.mask_embedding = nn.Parameter(torch.rand(backbone.dim))
         self.dim = backbone_module.cfg.dim
+        self.config: dict = {}
 
     @property
     def depth(self) -> int:

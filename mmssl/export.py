@@ -15,6 +15,7 @@ from torch import nn
 from mmssl.atomic import make_tmp_dir, replace_dir
 from mmssl.encoder import Encoder
 from mmssl.factory import build_encoder
+from mmssl.types import Batch
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -28,7 +29,7 @@ def save_encoder(encoder: Encoder, out_dir: Path, extra: dict[str, Any] | None =
     tmp = make_tmp_dir(out_dir)
     try:
         save_file(_state(encoder), str(tmp / "model.safetensors"))
-        cfg = dict(encoder.config)  # type: ignore[attr-defined]
+        cfg = dict(encoder.config)
         cfg.update(extra or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         replace_dir(tmp, out_dir)
@@ -100,3 +101,46 @@ def load_encoder(path: str | Path, modality: str | None = None, device: str | to
         raise ValueError(f"{d}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     enc.source = str(d)  # type: ignore[attr-defined]
     return enc.to(device).eval()
+
+
+class PairModel(nn.Module):
+    """Two exported towers and their contrastive head: embeddings in the shared space (evaluation)."""
+
+    def __init__(self, encoders: dict[str, Encoder], head: nn.Module) -> None:
+        super().__init__()
+        self.modalities = list(head.modalities)
+        self.encoders = nn.ModuleDict(encoders)
+        self.head = head
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.head.log_scale.detach().clamp(max=self.head.max_log_scale).exp())
+
+    def input_size(self, modality: str) -> int | None:
+        v = self.encoders[modality].config.get("preprocessing", {}).get("max_len")
+        return None if v is None else int(v)
+
+    @torch.no_grad()
+    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
+        """Batch -> [B, E] L2-normalised embeddings of tower ``modality``."""
+        return self.head.project(modality, self.encoders[modality].embed(batch))
+
+
+def load_pair(path: str | Path, which: str = "encoders", device: str | torch.device = "cpu") -> PairModel:
+    """The pair of a contrastive run directory: ``which="encoders"`` (trained) or ``"encoders_init"`` (its
+    step-0 weights with the step-0 head, the random-init baseline)."""
+    from mmssl.objectives.contrastive import ContrastiveHead
+
+    root = Path(path)
+    heads = root / ("heads" if which == "encoders" else "heads_init")
+    cfg_path = heads / "contrastive.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{root} has no {heads.name}/contrastive.json: not a run of a contrastive objective "
+                                f"(clip, clap, cloob)")
+    cfg = json.loads(cfg_path.read_text())
+    head = ContrastiveHead(cfg["dims"], cfg)
+    missing, unexpected = head.load_state_dict(load_file(str(heads / "contrastive.safetensors")), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{heads}: weights do not fit the head (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    encoders = {m: load_encoder(root, modality=m, which=which) for m in cfg["modalities"]}
+    return PairModel(encoders, head).to(device).eval()

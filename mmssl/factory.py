@@ -84,7 +84,7 @@ def build_encoder(cfg: dict[str, Any]) -> Encoder:
     adapter_cls = MODALITIES.get(cfg["modality"])
     adapter = adapter_cls(backbone.dim, cfg.get("adapter") or {})
     enc = Encoder(adapter, backbone, pool=cfg.get("pool", "mean"), num_prefix=int(cfg.get("num_prefix", 0)))
-    enc.config = dict(cfg, preprocessing=adapter.preprocessing())  # type: ignore[attr-defined]
+    enc.config = dict(cfg, preprocessing=adapter.preprocessing())
     return enc
 
 

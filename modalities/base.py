@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmssl.types import Batch, Tokens
+
+if TYPE_CHECKING:
+    from mmssl.data.codec import Codec
 
 #: a probe variant's batch transform: batch -> (the altered batch, which items it keeps [B] bool)
 ProbeTransform = Callable[[Batch], tuple[Batch, torch.Tensor]]
@@ -24,6 +27,13 @@ class ModalityAdapter(nn.Module, ABC):
     *after* masking, so hidden content never leaks back through it."""
 
     name: str = ""
+    #: what kind of signal the modality is, for objectives that pair kinds rather than names (CLAP pairs
+    #: an ``audio`` tower with a ``text`` one): audio | text | image | point | signal | volume
+    kind: str = ""
+    #: the modality's data codec (file/bytes <-> tensors, batching; ``mmssl.data.codec.Codec``), set by
+    #: each adapter module beside its class: the data pipeline, the packer and the evaluators reach a
+    #: modality's data only through it
+    codec: ClassVar[Codec | None] = None
     unit_features_id: str = ""
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
@@ -39,8 +49,10 @@ class ModalityAdapter(nn.Module, ABC):
         """-> Tokens(x [B,N,D], pos [B,N,D], pad [B,N], index [B,N,k])."""
 
     @abstractmethod
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """-> [B, N, P] per-token reconstruction targets, aligned with ``tokenize``."""
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
+        """-> [B, N, P] per-token reconstruction targets, aligned with ``tokenize``. ``tokens``, when
+        given, are ``tokenize(batch)``'s: an adapter may reuse what tokenising computed (point: the
+        group centres, so farthest-point sampling runs once per step)."""
 
     @property
     def target_dim(self) -> int:
@@ -92,6 +104,11 @@ class ModalityAdapter(nn.Module, ABC):
         """Named views of the data the linear probe also reports (e.g. each MRI contrast alone): each
         transform alters a batch and says which items it keeps. Default: none."""
         return {}
+
+    def token_rate(self) -> float | None:
+        """Tokens per second of input for time series (speech: 50 frames/s), else None: recorded with
+        discrete-unit targets so a unit table is never reused at another frame rate."""
+        return None
 
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing this adapter expects, written into an export's config.json."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 import mmssl
 from mmssl.cli import main
-from mmssl.objectives.contrastive import load_pair
+from mmssl.export import load_pair
 
 SMALL = ["model.depth=1", "model.dim=32", "model.heads=2", "model.ffn_dim=64", "objective.embed_dim=16",
          "trainer.num_workers=0", "trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1",

@@ -12,7 +12,7 @@ from open_clip.loss import ClipLoss
 from mmssl.config import compose, to_dict
 from mmssl.export import save_encoder, save_heads
 from mmssl.factory import build_encoder, build_objective, encoder_config, supported_pairs
-from mmssl.objectives.contrastive import load_pair
+from mmssl.export import load_pair
 from mmssl.objectives.contrastive_loss import cloob_loss
 
 SMALL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64}

@@ -41,7 +41,7 @@ class Toy(ModalityAdapter):
         return Tokens(self.embed(x), self.pos_table[:N][None].expand(B, -1, -1), torch.zeros(B, N, dtype=torch.bool),
                       ar[None, :, None].expand(B, -1, 1))
 
-    def targets(self, batch):
+    def targets(self, batch, tokens=None):
         return batch["toy"]
 
     def recon_loss(self, pred, target, mask):

@@ -292,7 +292,7 @@ def test_real_pair_runs_match_direct_embeddings(pairs_root: Path, tmp_path: Path
     from mmssl.data.shards import load_meta
     from mmssl.export import save_encoder, save_heads
     from mmssl.factory import build_encoder, build_objective, encoder_config
-    from mmssl.objectives.contrastive import load_pair
+    from mmssl.export import load_pair
 
     cfg = compose(["modality=[image,text]", "objective=clip"])
     mcfg = {m: to_dict(cfg.modality[m]) for m in ("image", "text")}

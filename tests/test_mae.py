@@ -37,7 +37,7 @@ class Toy(ModalityAdapter):
         emb = self.embed(x[..., 0].long() if self.vocab else x)
         return Tokens(emb, self.pos_table[:N][None].expand(B, -1, -1), pad, ar[None, :, None].expand(B, -1, 1))
 
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         return batch["toy"][..., :1].long() if self.vocab else batch["toy"]
 
     @property

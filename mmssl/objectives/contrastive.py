@@ -14,27 +14,23 @@ the loss of the global batch (``mmssl.train.gather``), so gradients equal single
 training: evaluation scores each rank's own batch.
 
 Heads (``heads/contrastive.safetensors`` + ``.json``): both projections and the temperatures;
-``load_pair(run_dir)`` rebuilds the pair in the shared space for retrieval and zero-shot evaluation."""
+``mmssl.export.load_pair(run_dir)`` rebuilds the pair in the shared space for retrieval and zero-shot evaluation."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from mmssl.encoder import Encoder
 from mmssl.objectives.base import Objective
 from mmssl.objectives.contrastive_loss import MAX_LOG_SCALE, clamp_log_scale_, clip_loss, cloob_loss
-from mmssl.registry import OBJECTIVES
+from mmssl.registry import MODALITIES, OBJECTIVES
 from mmssl.train.gather import gather_with_grad, rank_world
 from mmssl.types import Batch, ObjectiveOutput
-
-AUDIO_MODALITIES = ("speech",)
 
 
 class Projection(nn.Module):
@@ -57,7 +53,7 @@ class Projection(nn.Module):
 class ContrastiveHead(nn.Module):
     """Everything of a contrastive objective beyond its encoders: one projection per modality and the
     temperatures, stored as logs (``log_scale`` for CLIP; ``log_inv_tau``, ``log_beta`` for CLOOB).
-    ``config`` is written beside the weights so ``load_pair`` can rebuild it."""
+    ``config`` is written beside the weights so ``mmssl.export.load_pair`` can rebuild it."""
 
     def __init__(self, dims: dict[str, int], cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -133,7 +129,7 @@ class Contrastive(Objective):
         head_cfg = dict(cfg, loss=self.loss_name, embed_dim=int(cfg.get("embed_dim") or 256))
         # an open_clip tower ends in its model's shared space: no second projection, the other tower maps
         # into that space, and a weights file's logit scale is the starting one
-        library = {m: e.config["open_clip"] for m, e in encoders.items() if "open_clip" in getattr(e, "config", {})}
+        library = {m: e.config["open_clip"] for m, e in encoders.items() if "open_clip" in e.config}
         if library:
             dims = {int(encoders[m].dim) for m in library}
             if len(dims) > 1:
@@ -193,8 +189,10 @@ class CLAP(Contrastive):
         why = super().supports(modalities)
         if why:
             return why
-        if "text" not in modalities or not set(modalities) & set(AUDIO_MODALITIES):
-            return f"objective 'clap' pairs audio ({', '.join(AUDIO_MODALITIES)}) with text, not {modalities}"
+        kinds = sorted(MODALITIES.get(m).kind for m in modalities)
+        if kinds != ["audio", "text"]:
+            audio = [m for m in MODALITIES.names() if MODALITIES.get(m).kind == "audio"]
+            return f"objective 'clap' pairs audio ({', '.join(audio)}) with text, not {modalities}"
         return None
 
 
@@ -202,46 +200,3 @@ class CLAP(Contrastive):
 class CLOOB(Contrastive):
     name = "cloob"
     loss_name = "cloob"
-
-
-class PairModel(nn.Module):
-    """Two exported towers and their contrastive head: embeddings in the shared space (evaluation)."""
-
-    def __init__(self, encoders: dict[str, Encoder], head: ContrastiveHead) -> None:
-        super().__init__()
-        self.modalities = list(head.modalities)
-        self.encoders = nn.ModuleDict(encoders)
-        self.head = head
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.head.log_scale.detach().clamp(max=self.head.max_log_scale).exp())
-
-    def input_size(self, modality: str) -> int | None:
-        v = (getattr(self.encoders[modality], "config", None) or {}).get("preprocessing", {}).get("max_len")
-        return None if v is None else int(v)
-
-    @torch.no_grad()
-    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
-        """Batch -> [B, E] L2-normalised embeddings of tower ``modality``."""
-        return self.head.project(modality, self.encoders[modality].embed(batch))
-
-
-def load_pair(path: str | Path, which: str = "encoders", device: str | torch.device = "cpu") -> PairModel:
-    """The pair of a contrastive run directory: ``which="encoders"`` (trained) or ``"encoders_init"`` (its
-    step-0 weights with the step-0 head, the random-init baseline)."""
-    from mmssl.export import load_encoder
-
-    root = Path(path)
-    heads = root / ("heads" if which == "encoders" else "heads_init")
-    cfg_path = heads / "contrastive.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{root} has no {heads.name}/contrastive.json: not a run of a contrastive objective "
-                                f"(clip, clap, cloob)")
-    cfg = json.loads(cfg_path.read_text())
-    head = ContrastiveHead(cfg["dims"], cfg)
-    missing, unexpected = head.load_state_dict(load_file(str(heads / "contrastive.safetensors")), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{heads}: weights do not fit the head (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    encoders = {m: load_encoder(root, modality=m, which=which) for m in cfg["modalities"]}
-    return PairModel(encoders, head).to(device).eval()

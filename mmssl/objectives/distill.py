@@ -141,7 +141,7 @@ class Distill(Objective):
         self.cfg = dict(cfg)
         if isinstance(getattr(encoder, "mask_embedding", None), nn.Parameter):
             encoder.mask_embedding.requires_grad_(False)  # views are never masked: no gradient reaches it (DDP)
-        size = (getattr(encoder, "config", None) or {}).get("size")
+        size = encoder.config.get("size")
         sized = dict((cfg.get("sizes") or {}).get(size) or {})
         self.n_global = int(_cfg(cfg, "n_global", sized))
         self.n_local = int(_cfg(cfg, "n_local", sized))

@@ -73,8 +73,7 @@ class HuBERT(Objective):
     def _target_spec(self) -> tuple[dict[str, Any], Any]:
         """(meta that identifies the targets, feature function)."""
         adapter = self.encoder.adapter
-        meta: dict[str, Any] = {"feature": self.target_kind, "frame_rate": adapter.preprocessing().get("sample_rate", 0)
-                                / max(adapter.preprocessing().get("frame_hop", 1), 1)}
+        meta: dict[str, Any] = {"feature": self.target_kind, "frame_rate": adapter.token_rate() or 0.0}
         if self.target_kind == "mfcc":
             meta["feature_impl"] = adapter.unit_features_id
             return meta, adapter.unit_features

@@ -69,7 +69,7 @@ class MAE(Objective):
         self.mask_mode = cfg.get("mask_mode") or "drop"
         if self.mask_mode not in ("drop", "replace"):
             raise ValueError(f"objective.mask_mode must be 'drop' or 'replace', not {self.mask_mode!r}")
-        size = (getattr(encoder, "config", None) or {}).get("size")
+        size = encoder.config.get("size")
         dec = dict(PAPER_DECODER)
         dec.update((cfg.get("decoder_sizes") or {}).get(size) or {})
         for k in ("dim", "depth", "heads"):
@@ -156,7 +156,7 @@ class MAE(Objective):
     def forward(self, batch: Batch) -> ObjectiveOutput:
         enc = self.encoder
         adapter = enc.adapter
-        tokens = adapter.tokenize(batch)
+        tokens = clean = adapter.tokenize(batch)
         hidden = adapter.make_mask(tokens, self.mask_ratio) & ~tokens.pad
         if self.mask_mode == "replace":
             corrupted, replace = adapter.corrupt(batch, hidden)
@@ -175,7 +175,7 @@ class MAE(Objective):
         else:
             out = enc.encode(tokens, hidden, "drop")
         y = self.decode(tokens, out)
-        target = adapter.targets(batch)
+        target = adapter.targets(batch, clean)
         if self.head_on_hidden:
             # boolean selection flattens to [1, M, .]: the same per-token mean over hidden tokens
             pred = self.decoder_pred(y[hidden])[None]

@@ -61,6 +61,7 @@ class EEGAdapter(ModalityAdapter):
     mask_channel_fraction (share of the hidden tokens taken as whole channels), views."""
 
     name = "eeg"
+    kind = "signal"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
@@ -216,7 +217,7 @@ class EEGAdapter(ModalityAdapter):
         bands = [power[..., int(a):max(int(b), int(a) + 1)].mean(-1) for a, b in zip(edges[:-1], edges[1:])]
         return torch.log(torch.stack(bands, -1) + 1e-3)
 
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """Per token [B, N, target_dim]: its normalised samples (``target: samples``; with ``norm_target``
         each patch by its own mean and unbiased std, as MAE's norm_pix), its log band power
         (``spectrum``, the amplitude half of LaBraM's Fourier targets), or both side by side."""

@@ -90,6 +90,7 @@ class ImageAdapter(ModalityAdapter):
     norm_pix (MAE's per-patch target normalisation), views (see ``VIEW_DEFAULTS``)."""
 
     name = "image"
+    kind = "image"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
@@ -175,7 +176,7 @@ class ImageAdapter(ModalityAdapter):
     def target_dim(self) -> int:
         return self.patch_size * self.patch_size * 3
 
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """MAE's targets: patchified normalised pixels [B, N, p*p*3]; with ``norm_pix`` each patch is
         normalised by its own mean and (unbiased, as MAE's ``var``) variance, eps 1e-6."""
         t = patchify(self._normalised(batch).float(), self.patch_size)

@@ -99,6 +99,7 @@ class MRIAdapter(ModalityAdapter):
     ``VIEW_DEFAULTS``)."""
 
     name = "mri"
+    kind = "volume"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
@@ -223,7 +224,7 @@ class MRIAdapter(ModalityAdapter):
     def target_dim(self) -> int:
         return self.patch_size ** 3
 
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """Each token's patch voxels [B, N, p^3], aligned with ``tokenize`` (absent contrasts cut the
         same way); per-patch normalised (mean 0, unbiased variance 1, eps 1e-6) with ``norm_pix``."""
         vol, present, grid = self._check(batch)

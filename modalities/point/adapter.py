@@ -135,6 +135,7 @@ class PointAdapter(ModalityAdapter):
     d2_bins, d2_points (the D2 baseline), views (see ``VIEW_DEFAULTS``)."""
 
     name = "point"
+    kind = "point"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
@@ -178,16 +179,18 @@ class PointAdapter(ModalityAdapter):
             raise ValueError("every point cloud needs at least one point (point_len >= 1)")
         return torch.arange(P, device=xyz.device)[None] < lens.to(xyz.device)[:, None]
 
-    def group(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def group(self, batch: Batch, centres: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (centres [B, G, 3], local [B, G, k, 3] group points relative to their centre, pad [B, G]),
         in the normalised frame. Groups run in farthest-point order; ``pad`` marks the groups of a
-        cloud with fewer than G points."""
+        cloud with fewer than G points. ``centres`` given (a previous call's, e.g. ``Tokens.coords``)
+        skip farthest-point sampling, the costly part."""
         valid = self.valid_points(batch)
         xyz = normalise(batch["point"].float(), valid)
         G = self.num_groups
         with torch.no_grad():  # indices only: sampling and neighbour search carry no gradient
-            centre_idx = farthest_point_sample(xyz, valid, G)
-            centres = gather_points(xyz, centre_idx)
+            if centres is None:
+                centres = gather_points(xyz, farthest_point_sample(xyz, valid, G))
             nbr = knn_groups(xyz, valid, centres, self.group_size)
         local = gather_points(xyz, nbr) - centres[:, :, None]
         pad = torch.arange(G, device=xyz.device)[None] >= valid.sum(1, keepdim=True)
@@ -215,9 +218,10 @@ class PointAdapter(ModalityAdapter):
     def target_dim(self) -> int:
         return self.group_size * 3
 
-    def targets(self, batch: Batch) -> torch.Tensor:
-        """Each group's points relative to its centre, flattened: [B, G, k*3] (Point-MAE's targets)."""
-        _, local, _ = self.group(batch)
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
+        """Each group's points relative to its centre, flattened: [B, G, k*3] (Point-MAE's targets);
+        the centres of ``tokens`` (``tokenize(batch)``'s) when given."""
+        _, local, _ = self.group(batch, None if tokens is None else tokens.coords)
         return local.flatten(2)
 
     @property

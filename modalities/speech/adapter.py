@@ -135,6 +135,7 @@ class SpeechAdapter(ModalityAdapter):
     ``index`` is the frame's position in the whole recording and frame targets stay aligned."""
 
     name = "speech"
+    kind = "audio"
     #: identifies what unit_features computes, so cached unit targets are rebuilt when it changes
     unit_features_id = "mfcc13+delta+delta2,cmvn-per-utterance,n_fft400,hop320"
 
@@ -190,7 +191,7 @@ class SpeechAdapter(ModalityAdapter):
         return num_frames(self._lengths(batch))
 
     # -- masked modelling -----------------------------------------------------------------------------
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """Per-utterance normalised log-mel frames [B, N, n_mels]."""
         feats, pad = per_utterance(self.logmel, batch["speech"], self._lengths(batch))
         w = (~pad)[..., None].float()
@@ -281,6 +282,9 @@ class SpeechAdapter(ModalityAdapter):
         mean = (feats * w).sum(1) / cnt
         std = (((feats - mean[:, None]) ** 2 * w).sum(1) / cnt).sqrt()
         return torch.cat([mean, std], -1)
+
+    def token_rate(self) -> float:
+        return 16000 / HOP  # 50 frames per second
 
     def preprocessing(self) -> dict[str, Any]:
         return {"sample_rate": 16000, "waveform_normalize": False, "frame_hop": HOP, "frame_window": 400,

@@ -30,6 +30,7 @@ class TextAdapter(ModalityAdapter):
     ([0.2, 0.4]), ``view_token_dropout`` (0.0), ``bow_buckets`` (512)."""
 
     name = "text"
+    kind = "text"
 
     def __init__(self, dim: int, cfg: dict[str, Any] | None = None) -> None:
         super().__init__(dim, cfg)
@@ -84,7 +85,7 @@ class TextAdapter(ModalityAdapter):
     def target_dim(self) -> int:
         return self.vocab_size
 
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """Token ids [B, L, 1] int64."""
         return batch["text"][..., None].long()
 
