@@ -62,3 +62,19 @@ def load_builtins() -> None:
         import_module(mod)
     for ep in entry_points(group="mmssl.plugins"):
         import_module(ep.value)
+
+
+def reconstructors() -> dict[str, str]:
+    """modality -> the module of its ``reconstruct(encoder, src, out, device)`` (``mmssl reconstruct``):
+    the built-in modalities that ship a ``reconstruct`` module."""
+    from importlib.util import find_spec
+
+    out = {}
+    for m in MODALITIES.names():
+        name = f"mmssl.modalities.{m}.reconstruct"
+        try:
+            if find_spec(name) is not None:
+                out[m] = name
+        except ModuleNotFoundError:  # a plug-in modality outside mmssl.modalities
+            continue
+    return out

@@ -305,7 +305,7 @@ def test_probe_variants_are_reported(image_run: Path, tmp_path: Path, monkeypatc
 
 
 def test_probe_pools_default_to_the_modality_s_and_yield_to_eval_pools() -> None:
-    from mmssl.cli import probe_pool_defaults
+    from mmssl.config import probe_pool_defaults
     from mmssl.config import compose, to_dict
 
     def ecfg(evaluator: str, *over: str) -> dict:

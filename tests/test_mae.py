@@ -217,7 +217,7 @@ def test_mae_decoder_sizes_follow_the_encoder_size() -> None:
 
 
 def test_modality_trainer_defaults_yield_to_the_command_line() -> None:
-    from mmssl.cli import apply_trainer_defaults
+    from mmssl.config import apply_modality_defaults as apply_trainer_defaults
     from mmssl.config import compose
 
     cfg = compose(["modality=text", "objective=mae"])

@@ -17,6 +17,7 @@ from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.registry import MODALITIES
 
 MAX_LISTED = 1000  # bad items listed by name in meta.json; all are counted
+MAX_PRINTED = 20  # ... and printed by `mmssl data pack`
 
 
 def stratified_split(labels: list[int], val: float, test: float, seed: int) -> dict[str, list[int]]:

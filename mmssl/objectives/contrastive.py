@@ -189,8 +189,7 @@ class CLAP(Contrastive):
         why = super().supports(modalities)
         if why:
             return why
-        kinds = sorted(MODALITIES.get(m).kind for m in modalities)
-        if kinds != ["audio", "text"]:
+        if sorted(MODALITIES.get(m).kind for m in modalities) != ["audio", "text"]:
             audio = [m for m in MODALITIES.names() if MODALITIES.get(m).kind == "audio"]
             return f"objective 'clap' pairs audio ({', '.join(audio)}) with text, not {modalities}"
         return None

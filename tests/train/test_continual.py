@@ -219,7 +219,7 @@ def test_lora_mode_trains_the_right_parameters_and_exports_merged(eeg_sets: dict
 def test_init_tower_takes_the_source_architecture(tmp_path: Path) -> None:
     """A HuBERT speech encoder (convolutional position) started under MAE keeps its architecture (MAE alone
     would build sinusoidal positions, whose weights do not fit)."""
-    from mmssl.cli import UsageError, init_tower_config
+    from mmssl.config import UsageError, init_tower_config
     from mmssl.config import compose, to_dict
     from mmssl.export import save_encoder
     from mmssl.factory import build_encoder, encoder_config
