@@ -110,6 +110,13 @@ def test_nan_embeddings_are_refused() -> None:
 
 
 # -- zero-shot ---------------------------------------------------------------------------------------
+
+def _tower() -> nn.Module:
+    """A stand-in tower: the Encoder contract's ``config`` (empty) and nothing else."""
+    t = nn.Identity()
+    t.config = {}
+    return t
+
 class LengthTextPair(nn.Module):
     """Text embedding = len * one-hot(len mod E), len = the caption's id count: unnormalised on purpose."""
 
@@ -117,7 +124,7 @@ class LengthTextPair(nn.Module):
         super().__init__()
         self.modalities = ["image", "text"]
         self.E = E
-        self.encoders = nn.ModuleDict({"image": nn.Identity(), "text": nn.Identity()})
+        self.encoders = nn.ModuleDict({"image": _tower(), "text": _tower()})
 
     def input_size(self, m: str) -> int | None:
         return 77 if m == "text" else None
@@ -194,7 +201,7 @@ class ColourPair(nn.Module):
         from mmssl.modalities.text.data import encode_text
 
         self.constant = constant
-        self.encoders = nn.ModuleDict({"image": nn.Identity(), "text": nn.Identity()})
+        self.encoders = nn.ModuleDict({"image": _tower(), "text": _tower()})
         self.word = {w: int(encode_text(w)[1]) for w in [*COLOURS, "circle"]}
         assert all(encode_text(w).numel() == 3 for w in self.word)  # one BPE id each
         self.seen: dict[str, set[str]] = {"image": set(), "text": set()}
