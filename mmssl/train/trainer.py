@@ -14,8 +14,10 @@ import copy
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -31,6 +33,7 @@ from mmssl.train.distributed import DistInfo, any_true, barrier
 from mmssl.train.logger import MetricsLogger, plot_loss, plot_schedule
 from mmssl.train.monitor import Monitor, describe
 from mmssl.train.schedule import lr_factor, phases, trainer_schedule
+from mmssl.types import Batch
 
 
 class TrainingError(RuntimeError):
@@ -132,6 +135,40 @@ def exportable(tower: nn.Module) -> nn.Module:
     return plain
 
 
+COUNTERS = ("skipped_samples", "skipped_steps")
+
+
+@dataclass
+class _Position:
+    """Where the run stands: what a checkpoint saves and a resume restores."""
+    step: int = 0
+    consumed: int = 0                                              # batches this rank has drawn
+    roles: dict[int, list[int]] = field(default_factory=dict)      # each loader role's next stream position
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+
+class _Interval:
+    """The running sums of one log interval (this rank)."""
+
+    def __init__(self, device: torch.device, n_sources: int) -> None:
+        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.from_source = [0] * n_sources  # batches per source of a mixture
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.n, self.items, self.t0 = 0, 0, time.perf_counter()
+
+
+class _Step(NamedTuple):
+    """A finished optimizer step: its learning rate, loss and metrics (averaged over the micro-batches)
+    and gradient norm."""
+    lr: float
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    norm: torch.Tensor
+
+
 class Trainer:
     def __init__(self, cfg: dict[str, Any], objective: Objective, source: DataSource, run_dir: Path,
                  dist_info: DistInfo, cache_dir: Path, max_len: MaxLen = None) -> None:
@@ -149,20 +186,180 @@ class Trainer:
             else None
         self.ckpt_root = self.run_dir / "checkpoints"
 
-    # -- helpers --------------------------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Pretrain to ``trainer.max_steps``; then the encoders and heads are exported. -> the final step
+        and the skip counters."""
+        self.setup()
+        pos = self.pos
+        while pos.step < self.max_steps:
+            done = self.train_step()
+            if done is None:  # skipped: a non-finite loss or gradient norm
+                continue
+            self.log(done)
+            self.evaluate()
+            self.checkpoint()
+        self.progress.close()
+        if self.dist.is_main:
+            self.export("encoders", pos.step)
+            self._plots()
+        barrier(self.dist)
+        self.logger.close()
+        return {"step": pos.step, **pos.counters}
+
+    # -- the parts ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Everything before the first step, in this order: the keys checked, the checkpoint to resume or
+        the init= weights, the objective prepared (peft applied), the optimizer, the resumed position,
+        DDP, the training stream, the log interval, progress and monitor."""
+        t = self.t
+        self.max_steps, self.accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
+        self.workers = int(t.get("num_workers", 0))
+        self.sched = trainer_schedule(t)  # checked before anything is written
+        check_peft(self.objective, t)
+        self.objective.to(self.device)
+        resume_from = self._start()
+        self._prepare()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.objective, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
+            betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
+            fused=self.device.type == "cuda")
+        self.pos = _Position() if resume_from is None else self._resume(resume_from)
+        self.model = self._wrap(fresh=resume_from is None)
+        self.loader = self._stream()
+        self.log_every, self.ckpt_every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
+        self.max_bad, self.bad_run = int(t.get("max_nonfinite", 5)), 0
+        self.interval = _Interval(self.device, len(self.source.mixture or []))
+        self.progress = _Progress(self.max_steps, self.pos.step,
+                                  enabled=self.dist.is_main and bool(t.get("progress", True)))
+        self.monitor = Monitor(self.objective, self.source, t, self.device, self.max_len, self.autocast_dtype)
+        self.objective.train()
+
+    def train_step(self) -> _Step | None:
+        """One optimizer step over ``grad_accum`` micro-batches (under DDP the gradients are synchronised
+        on the last one only), clipped; None where it was skipped: a non-finite loss or gradient norm on
+        any rank skips it on every rank, and more than ``max_nonfinite`` in a row stop the run."""
+        obj, pos, accum = self.objective, self.pos, self.accum
+        lr = float(self.t["lr"]) * lr_factor(pos.step, **self.sched)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for micro in range(accum):
+            batch = self._next_batch()
+            last = micro == accum - 1 or not self.dist.enabled
+            sync = contextlib.nullcontext() if last else self.model.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                      enabled=self.autocast_dtype is not None):
+                out = self.model(batch)
+                loss = out.loss / accum
+            loss.backward()
+            step_loss += loss.detach()
+            for k, v in out.metrics.items():
+                metrics[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
+        clip = float(self.t.get("clip_grad", 0.0))
+        norm = torch.nn.utils.clip_grad_norm_(obj.parameters(), clip if clip > 0 else float("inf"))
+        if any_true(~torch.isfinite(norm) | ~torch.isfinite(step_loss), self.dist):
+            self.optimizer.zero_grad(set_to_none=True)
+            pos.counters["skipped_steps"] += 1
+            self.bad_run += 1
+            self.logger.log({"step": pos.step, "event": "nonfinite_step_skipped",
+                             "skipped_steps": pos.counters["skipped_steps"]})
+            if self.bad_run > self.max_bad:
+                raise TrainingError(f"{self.bad_run} non-finite steps in a row at step {pos.step}: lower "
+                                    f"trainer.lr, check the data, or raise trainer.max_nonfinite")
+            return None
+        self.bad_run = 0
+        obj.before_step(pos.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        obj.after_step(pos.step)
+        pos.step += 1
+        return _Step(lr, step_loss, metrics, norm)
+
+    def log(self, done: _Step) -> None:
+        """A finished step into the interval's averages; every ``log_every`` steps and at the last, the
+        interval's record to metrics.jsonl (and TensorBoard) and the progress bar or line."""
+        iv, step, mix = self.interval, self.pos.step, self.source.mixture
+        for k, v in done.metrics.items():  # only finished steps enter the logged averages
+            iv.sums[k] += v
+        iv.sums["loss"] += done.loss
+        iv.sums["grad_norm"] += done.norm.detach().float()
+        iv.n += 1
+        if not (step % self.log_every == 0 or step == self.max_steps):
+            return
+        dt = time.perf_counter() - iv.t0
+        rec = {"step": step, "lr": done.lr, **{k: float(v) / iv.n for k, v in iv.sums.items()},
+               "items_per_s": iv.items * self.dist.world / dt, **self.pos.counters}
+        drawn = sum(iv.from_source)
+        if mix and drawn:
+            rec.update({f"source_frac/{p.label}": c / drawn for p, c in zip(mix, iv.from_source)})
+            iv.from_source = [0] * len(mix)
+        self.logger.log(rec)
+        self.progress.update(step, rec)
+        iv.reset()
+
+    def evaluate(self) -> None:
+        """The monitor's online evaluation where it is due; its time is left out of the throughput."""
+        step = self.pos.step
+        if self.monitor.due(step, self.max_steps):
+            ev = self.monitor.evaluate(step)
+            self.logger.log(ev)
+            self.progress.note(describe(ev))
+            self.interval.t0 += ev["eval_seconds"]  # throughput counts training time only
+
+    def checkpoint(self) -> None:
+        """checkpoints/step_N and checkpoints/last every ``ckpt_every`` steps, checkpoints/last at the end.
+        Atomic: every rank writes its RNG and data position into a temporary folder, rank 0 adds weights,
+        optimizer and meta, then moves it into place under each name."""
+        pos, every = self.pos, self.ckpt_every
+        names = [f"step_{pos.step}"] if every and pos.step % every == 0 else []
+        if not (names or pos.step == self.max_steps):
+            return
+        names.append("last")
+        tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{pos.step}")
+        barrier(self.dist)
+        ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in pos.roles.items()}})
+        barrier(self.dist)
+        if self.dist.is_main:
+            meta = {"step": pos.step, "consumed_batches": pos.consumed, "world_size": self.dist.world,
+                    "num_workers": self.workers, **pos.counters}
+            ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
+        barrier(self.dist)
+
+    def export(self, which: str, step: int) -> None:
+        """The towers (LoRA merged) under ``which``/ (encoders/, or encoders_init/ before training) and
+        the objective's heads beside them (heads/, heads_init/)."""
+        extra: dict[str, Any] = {"objective": self.objective.name, "step": step}
+        if self.cfg.get("init"):
+            extra["init"] = str(self.cfg["init"])
+        for m, tower in self.objective.exported().items():
+            save_encoder(exportable(tower), self.run_dir / which / m, extra=extra)  # type: ignore[arg-type]
+        save_heads(self.objective.heads(), self.run_dir / which.replace("encoders", "heads"))
+
+    # -- setup's helpers ------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if self.dist.is_main:
             print(msg, file=sys.stderr, flush=True)
 
-    def _prepare_ctx(self) -> PrepareContext:
-        bs = int(self.cfg["data"].get("eval_batch_size", 32))
-        per_step = int(self.t["batch_size"]) * int(self.t.get("grad_accum", 1)) * self.dist.world
-        n_train = self.source.train_count()
-        return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
-                              device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
-                              data_fingerprint=self.source.fingerprint, is_main=self.dist.is_main,
-                              barrier=lambda: barrier(self.dist), total_steps=int(self.t["max_steps"]),
-                              steps_per_epoch=max(n_train // per_step, 1))
+    def _start(self) -> Path | None:
+        """The checkpoint to resume from, or None: a fresh run, whose built weights are exported as
+        encoders_init/ before init= (if any) loads its own; stale temporary checkpoints are cleared."""
+        resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
+        if self.cfg.get("resume") and resume_from is None:
+            self._say(f"[mmssl] no checkpoint in {self.ckpt_root}: starting from step 0")
+        if resume_from is None:
+            # the evaluators' random-init baseline: the freshly built weights, saved before init= may
+            # load pretrained ones (a continued run's "random init" must not be its starting checkpoint)
+            if self.dist.is_main:
+                self.export("encoders_init", 0)
+            if self.cfg.get("init"):
+                self._load_init(str(self.cfg["init"]))
+                self.objective.after_init()
+        if self.dist.is_main:
+            ckpt.remove_stale_tmp(self.ckpt_root)
+        barrier(self.dist)
+        return resume_from
 
     def _load_init(self, path: str) -> None:
         for m, tower in self.objective.encoders.items():
@@ -186,58 +383,27 @@ class Trainer:
             else:
                 self._say(f"[mmssl] {f} does not fit this objective's {name} head: it starts fresh")
 
-    def _export(self, which: str, step: int) -> None:
-        extra: dict[str, Any] = {"objective": self.objective.name, "step": step}
-        if self.cfg.get("init"):
-            extra["init"] = str(self.cfg["init"])
-        for m, tower in self.objective.exported().items():
-            save_encoder(exportable(tower), self.run_dir / which / m, extra=extra)  # type: ignore[arg-type]
-        # the heads beside them: heads/ with encoders/, heads_init/ (step 0) with encoders_init/
-        save_heads(self.objective.heads(), self.run_dir / which.replace("encoders", "heads"))
+    def _prepare_ctx(self) -> PrepareContext:
+        bs = int(self.cfg["data"].get("eval_batch_size", 32))
+        per_step = int(self.t["batch_size"]) * int(self.t.get("grad_accum", 1)) * self.dist.world
+        n_train = self.source.train_count()
+        return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
+                              device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
+                              data_fingerprint=self.source.fingerprint, is_main=self.dist.is_main,
+                              barrier=lambda: barrier(self.dist), total_steps=int(self.t["max_steps"]),
+                              steps_per_epoch=max(n_train // per_step, 1))
 
-    def _save(self, step: int, consumed: int, roles: dict[int, list[int]], counters: dict[str, int],
-              names: list[str]) -> None:
-        tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{step}")
-        barrier(self.dist)
-        ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in roles.items()}})
-        barrier(self.dist)
-        if self.dist.is_main:
-            meta = {"step": step, "consumed_batches": consumed, "world_size": self.dist.world,
-                    "num_workers": int(self.t.get("num_workers", 0)), **counters}
-            ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
-        barrier(self.dist)
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        t = self.t
-        max_steps, accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
-        workers = int(t.get("num_workers", 0))
-        sched = trainer_schedule(t)  # checked before anything is written
-        check_peft(self.objective, t)
-        obj = self.objective.to(self.device)
-        resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
-        if self.cfg.get("resume") and resume_from is None:
-            self._say(f"[mmssl] no checkpoint in {self.ckpt_root}: starting from step 0")
-        if resume_from is None:
-            # the evaluators' random-init baseline: the freshly built weights, saved before init= may
-            # load pretrained ones (a continued run's "random init" must not be its starting checkpoint)
-            if self.dist.is_main:
-                self._export("encoders_init", 0)
-            if self.cfg.get("init"):
-                self._load_init(str(self.cfg["init"]))
-                obj.after_init()
-        if self.dist.is_main:
-            ckpt.remove_stale_tmp(self.ckpt_root)
-        barrier(self.dist)
-
+    def _prepare(self) -> None:
+        """The objective's own preparation (logged), the logger, the parameter-efficient mode (before the
+        optimizer sees the towers and, on resume, before the checkpoint, which holds the LoRA factors, is
+        loaded) and the records of the parameter counts and of the data mixture."""
+        t, obj = self.t, self.objective
         info = obj.prepare(self._prepare_ctx())
         self.logger = MetricsLogger(self.run_dir, self.dist.is_main, bool(t.get("tensorboard", True)))
         if info:
             self.logger.log({"event": "prepare", **info})
             self._say("[mmssl] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in info.items()))
-        # the parameter-efficient mode wraps the towers before the optimizer sees them and, on resume, before
-        # the checkpoint (which holds the LoRA factors) is loaded
         peft = apply_peft(obj, t)
         obj.to(self.device)
         counts = parameter_counts(obj)
@@ -250,141 +416,82 @@ class Trainer:
                f"projections, last {peft['unfreeze_last']} block(s) and the norms trained)" if peft else "")
         self._say(f"[mmssl] trainable parameters: encoders {pct(counts['trainable_encoder_params'], counts['encoder_params'])}"
                   f", overall {pct(counts['trainable_params'], counts['total_params'])}{how}")
+        self._describe_mixture()
+
+    def _describe_mixture(self) -> None:
         mix = self.source.mixture
-        if mix:
-            from mmssl.data.loader import mixture_probs
+        if not mix:
+            return
+        from mmssl.data.loader import mixture_probs
 
-            probs = mixture_probs(self.source, int(t["batch_size"])).tolist()
-            tot = sum(p.weight for p in mix)
-            self.logger.log({"event": "data", "sources": [
-                {"label": p.label, "root": str(p.source.root), "weight": p.weight, "draw_prob": q}
-                for p, q in zip(mix, probs)]})
-            self._say("[mmssl] data mixture: " + ", ".join(
-                f"{p.label} {p.weight / tot:.0%} of batches (round draw p={q:.3f})" for p, q in zip(mix, probs))
-                + f"; validation and probes use {mix[0].label}")
+        probs = mixture_probs(self.source, int(self.t["batch_size"])).tolist()
+        tot = sum(p.weight for p in mix)
+        self.logger.log({"event": "data", "sources": [
+            {"label": p.label, "root": str(p.source.root), "weight": p.weight, "draw_prob": q}
+            for p, q in zip(mix, probs)]})
+        self._say("[mmssl] data mixture: " + ", ".join(
+            f"{p.label} {p.weight / tot:.0%} of batches (round draw p={q:.3f})" for p, q in zip(mix, probs))
+            + f"; validation and probes use {mix[0].label}")
 
-        self.optimizer = torch.optim.AdamW(
-            param_groups(obj, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
-            betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
-            fused=self.device.type == "cuda")
-        step, consumed = 0, 0
-        roles: dict[int, list[int]] = {}
-        counters = {"skipped_samples": 0, "skipped_steps": 0}
-        if resume_from is not None:
-            meta, rank_state = ckpt.load(resume_from, obj, self.optimizer, self.dist.rank, self.device)
-            if meta["world_size"] != self.dist.world:
-                raise ValueError(f"checkpoint was written by {meta['world_size']} processes, not {self.dist.world}")
-            if meta["num_workers"] != workers:
-                raise ValueError(f"checkpoint was written with trainer.num_workers={meta['num_workers']}; "
-                                 f"resume with the same value for an identical stream")
-            step, consumed = meta["step"], meta["consumed_batches"]
-            counters = {k: meta.get(k, 0) for k in counters}
-            roles = {int(k): v for k, v in rank_state["roles"].items()}
-            self._say(f"[mmssl] resumed from {resume_from} at step {step}")
+    def _resume(self, path: Path) -> _Position:
+        """Weights, optimizer and this rank's RNG from the checkpoint at ``path``; the run's position."""
+        meta, rank_state = ckpt.load(path, self.objective, self.optimizer, self.dist.rank, self.device)
+        if meta["world_size"] != self.dist.world:
+            raise ValueError(f"checkpoint was written by {meta['world_size']} processes, not {self.dist.world}")
+        if meta["num_workers"] != self.workers:
+            raise ValueError(f"checkpoint was written with trainer.num_workers={meta['num_workers']}; "
+                             f"resume with the same value for an identical stream")
+        roles = {int(k): v for k, v in rank_state["roles"].items()}
+        pos = _Position(meta["step"], meta["consumed_batches"], roles, {k: meta.get(k, 0) for k in COUNTERS})
+        self._say(f"[mmssl] resumed from {path} at step {pos.step}")
+        return pos
 
-        model: nn.Module = obj
-        if self.dist.enabled:
-            # blocks skipped by layer drop leave parameters without gradients on some ranks
-            unused = bool(t.get("find_unused_parameters", False)) or any(
-                e.backbone_cfg.layer_drop > 0 for e in obj.encoders.values())
-            model = DDP(obj, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                        broadcast_buffers=False, find_unused_parameters=unused)
-            if resume_from is None and self.dist.rank > 0:
-                # other ranks draw their own masks and dropout; rank 0 keeps the single-process stream
-                torch.manual_seed(int(t["seed"]) + 7919 * self.dist.rank)
-        n_roles = max(workers, 1)
+    def _wrap(self, fresh: bool) -> nn.Module:
+        """The objective as the step calls it: under DDP wrapped (and, in a fresh run, the other ranks'
+        generators seeded apart), otherwise itself."""
+        obj = self.objective
+        if not self.dist.enabled:
+            return obj
+        # blocks skipped by layer drop leave parameters without gradients on some ranks
+        unused = bool(self.t.get("find_unused_parameters", False)) or any(
+            e.backbone_cfg.layer_drop > 0 for e in obj.encoders.values())
+        model = DDP(obj, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False, find_unused_parameters=unused)
+        if fresh and self.dist.rank > 0:
+            # other ranks draw their own masks and dropout; rank 0 keeps the single-process stream
+            torch.manual_seed(int(self.t["seed"]) + 7919 * self.dist.rank)
+        return model
+
+    def _stream(self) -> Iterator[Batch]:
+        """This rank's training batches, from the resumed position on."""
+        t, pos, n_roles = self.t, self.pos, max(self.workers, 1)
         stream = TrainStream(self.source, int(t["batch_size"]), self.max_len, int(t["seed"]), self.dist.rank,
-                             n_roles, role_shift=consumed % n_roles, start={k: tuple(v) for k, v in roles.items()},
-                             on_error=self.cfg["data"].get("on_error", "skip"), bucket=obj.bucket_by_length)
-        loader = iter(train_loader(stream, workers))
+                             n_roles, role_shift=pos.consumed % n_roles,
+                             start={k: tuple(v) for k, v in pos.roles.items()},
+                             on_error=self.cfg["data"].get("on_error", "skip"),
+                             bucket=self.objective.bucket_by_length)
+        return iter(train_loader(stream, self.workers))
 
-        log_every, every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
-        max_bad = int(t.get("max_nonfinite", 5))
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        n_sum, items, t0, bad_run = 0, 0, time.perf_counter(), 0
-        from_source = [0] * len(mix or [])  # batches per source over the log interval (this rank)
-        progress = _Progress(max_steps, step, enabled=self.dist.is_main and bool(t.get("progress", True)))
-        monitor = Monitor(obj, self.source, t, self.device, self.max_len, self.autocast_dtype)
-        obj.train()
-        while step < max_steps:
-            lr = float(t["lr"]) * lr_factor(step, **sched)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=self.device)
-            step_metrics: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-            for micro in range(accum):
-                batch = next(loader)
-                roles[int(batch.pop("_role"))] = batch.pop("_next").tolist()
-                counters["skipped_samples"] += int(batch.pop("_bad"))
-                if "_source" in batch:
-                    from_source[int(batch.pop("_source"))] += 1
-                consumed += 1
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                items += next(iter(batch.values())).shape[0]
-                sync = contextlib.nullcontext() if (micro == accum - 1 or not self.dist.enabled) else model.no_sync()
-                with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                          enabled=self.autocast_dtype is not None):
-                    out = model(batch)
-                    loss = out.loss / accum
-                loss.backward()
-                step_loss += loss.detach()
-                for k, v in out.metrics.items():
-                    step_metrics[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
-            clip = float(t.get("clip_grad", 0.0))
-            norm = torch.nn.utils.clip_grad_norm_(obj.parameters(), clip if clip > 0 else float("inf"))
-            if any_true(~torch.isfinite(norm) | ~torch.isfinite(step_loss), self.dist):
-                self.optimizer.zero_grad(set_to_none=True)
-                counters["skipped_steps"] += 1
-                bad_run += 1
-                self.logger.log({"step": step, "event": "nonfinite_step_skipped",
-                                 "skipped_steps": counters["skipped_steps"]})
-                if bad_run > max_bad:
-                    raise TrainingError(f"{bad_run} non-finite steps in a row at step {step}: lower trainer.lr, "
-                                        f"check the data, or raise trainer.max_nonfinite")
-                continue
-            bad_run = 0
-            obj.before_step(step)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            obj.after_step(step)
-            step += 1
-            for k, v in step_metrics.items():  # only finished steps enter the logged averages
-                sums[k] += v
-            sums["loss"] += step_loss
-            sums["grad_norm"] += norm.detach().float()
-            n_sum += 1
-            if step % log_every == 0 or step == max_steps:
-                dt = time.perf_counter() - t0
-                rec = {"step": step, "lr": lr, **{k: float(v) / n_sum for k, v in sums.items()},
-                       "items_per_s": items * self.dist.world / dt, **counters}
-                if mix and sum(from_source):
-                    rec.update({f"source_frac/{p.label}": c / sum(from_source) for p, c in zip(mix, from_source)})
-                    from_source = [0] * len(mix)
-                self.logger.log(rec)
-                progress.update(step, rec)
-                sums.clear()
-                n_sum, items, t0 = 0, 0, time.perf_counter()
-            if monitor.due(step, max_steps):
-                ev = monitor.evaluate(step)
-                self.logger.log(ev)
-                progress.note(describe(ev))
-                t0 += ev["eval_seconds"]  # throughput counts training time only
-            names = []
-            if every and step % every == 0:
-                names.append(f"step_{step}")
-            if step == max_steps or (every and step % every == 0):
-                names.append("last")
-                self._save(step, consumed, roles, counters, names)
-        progress.close()
-        if self.dist.is_main:
-            self._export("encoders", step)
-            plot_loss(self.run_dir)
-            plot_schedule(self.run_dir, [float(t["lr"]) * lr_factor(s, **sched) for s in range(max_steps)],
-                          phases(**sched),
-                          title=f"{sched['kind']} schedule" + (f", init={self.cfg['init']}" if self.cfg.get("init") else ""))
-        barrier(self.dist)
-        self.logger.close()
-        return {"step": step, **counters}
+    # -- the step's and the end's helpers -------------------------------------------------------------
+    def _next_batch(self) -> Batch:
+        """The next micro-batch, on the device; its stream bookkeeping (the role's next position, items
+        skipped as unreadable, a mixture's source) taken off into the position and the log interval."""
+        batch = next(self.loader)
+        pos, iv = self.pos, self.interval
+        pos.roles[int(batch.pop("_role"))] = batch.pop("_next").tolist()
+        pos.counters["skipped_samples"] += int(batch.pop("_bad"))
+        if "_source" in batch:
+            iv.from_source[int(batch.pop("_source"))] += 1
+        pos.consumed += 1
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        iv.items += next(iter(batch.values())).shape[0]
+        return batch
+
+    def _plots(self) -> None:
+        sched, init, lr = self.sched, self.cfg.get("init"), float(self.t["lr"])
+        plot_loss(self.run_dir)
+        plot_schedule(self.run_dir, [lr * lr_factor(s, **sched) for s in range(self.max_steps)],
+                      phases(**sched), title=f"{sched['kind']} schedule" + (f", init={init}" if init else ""))
 
 
 class _Progress:
