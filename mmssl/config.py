@@ -301,12 +301,28 @@ class RunSpec:
 
 def resolve(overrides: list[str], job_index: int | None = None) -> RunSpec:
     """The config of ``mmssl pretrain OVERRIDES``: composed, checked, every default applied."""
+    from mmssl.schema import check
+
     cfg = compose(overrides)
+    check(cfg)  # types and ranges first: nothing is built, written or cached before
+    check_data_path(cfg)
     check_pair(cfg)
     mods = modalities_of(cfg)
     apply_modality_defaults(cfg, mods, overrides)
     check_resume(cfg)
     return RunSpec(cfg, list(overrides), mods, str(cfg.objective.name), job_index)
+
+
+def check_data_path(cfg: DictConfig) -> None:
+    """``data.path`` names packed shards (``mmssl data pack``): a folder with a ``meta.json``."""
+    path = cfg.data.get("path")
+    if path in (None, "???") or cfg.data.get("sources"):
+        return
+    where = Path(str(path))
+    if not where.is_dir():
+        raise ConfigError(f"data.path={path}: no such directory (shards written by `mmssl data pack`)")
+    if not (where / "meta.json").is_file():
+        raise ConfigError(f"data.path={path}: no meta.json in it (pack it with `mmssl data pack`)")
 
 
 def device_kind(want: str | None) -> str:
@@ -429,6 +445,7 @@ def resolve_eval(args: list[str], evaluator: str | None = None) -> EvalSpec:
     the config composed with the encoder's own modality, the command line checked against the
     preprocessing it was trained with, the modality's probe pools where ``eval.pools`` is unset."""
     from mmssl.data.loader import resolve_source
+    from mmssl.schema import check
 
     enc_dir = encoder_dir_of(args)  # before composing: the keys may not exist in the default modality's config
     saved = json.loads((enc_dir / "config.json").read_text())
@@ -438,6 +455,7 @@ def resolve_eval(args: list[str], evaluator: str | None = None) -> EvalSpec:
     if evaluator and not any(a.startswith("eval=") for a in rest):
         rest.insert(0, f"eval={evaluator}")
     cfg = compose(rest + [f"modality={modality}"])
+    check(cfg)
     set_threads(cfg.trainer.threads)
     source = _first_source(resolve_source(to_dict(cfg.data), [modality], cfg.modality[modality].get("preset"),
                                           cache_dir(cfg)))
@@ -450,6 +468,7 @@ def resolve_pair_eval(args: list[str], evaluator: str) -> EvalSpec:
     """A contrastive run's evaluation (``encoder=RUN``: ``mmssl eval retrieval|zero-shot``): its two
     modalities, in their order, and paired data."""
     from mmssl.data.loader import resolve_source
+    from mmssl.schema import check
 
     given = _arg(args, "encoder")
     if not given:
@@ -466,6 +485,7 @@ def resolve_pair_eval(args: list[str], evaluator: str) -> EvalSpec:
     if not any(a.startswith("eval=") for a in rest):
         rest.insert(0, f"eval={evaluator}")
     cfg = compose(rest + [f"modality=[{','.join(mods)}]"])
+    check(cfg)
     set_threads(cfg.trainer.threads)
     source = _first_source(resolve_source(to_dict(cfg.data), mods, None, cache_dir(cfg)))
     out = Path(cfg.out) if cfg.out else run / "eval"
