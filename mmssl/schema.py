@@ -36,7 +36,7 @@ class TrainerSchema:
     cooldown_fraction: float = spec(float, low=0, high=1)
     constant_factor: float = spec(float, low=0, high=1)
     anneal_fraction: float = spec(float, low=0, high=1)
-    peft: str = spec(str, nullable=True)  # its choices: mmssl.train.peft (checked by the trainer before it writes)
+    peft: str = spec(str, nullable=True)  # its choices: PEFT_MODES, checked by the trainer before it writes
     unfreeze_last: int = spec(int, low=0)
     lora_rank: int = spec(int, low=1)
     lora_alpha: float = spec(float, low=0, low_open=True)
