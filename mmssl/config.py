@@ -164,13 +164,28 @@ def check_resume(cfg: DictConfig) -> None:
         return
     if not cfg.run_dir or not Path(cfg.run_dir).is_dir():
         raise ConfigError("resume=true needs run_dir=PATH of an existing run")
+    from mmssl.train.checkpoint import find
+
+    if find(Path(cfg.run_dir) / "checkpoints") is None:
+        raise ConfigError(f"resume=true: {cfg.run_dir} holds no checkpoint (the run stopped before its first "
+                          f"one); start it again without resume=true")
     saved = OmegaConf.load(Path(cfg.run_dir) / "config.yaml")
     ignore = {"resume", "allow_config_change", "cache_dir", "run_dir"}  # a moved run is the same run
     old = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items() if k not in ignore}
     new = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
-    if old != new and not cfg.allow_config_change:
-        raise ConfigError(f"the config differs from the saved run ({'; '.join(config_diff(old, new)[:4])}); "
+    # a key added to mmssl after the run was saved takes its default: not a change of the run
+    diff = [d for d in config_diff(old, new) if _has_path(old, d.split(":", 1)[0])]
+    if diff and not cfg.allow_config_change:
+        raise ConfigError(f"the config differs from the saved run ({'; '.join(diff[:4])}); "
                           f"pass allow_config_change=true to resume anyway")
+
+
+def _has_path(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

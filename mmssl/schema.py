@@ -48,6 +48,7 @@ class TrainerSchema:
     num_workers: int = spec(int, low=0)
     threads: Any = spec((int, str), low=1, choices=("auto",), nullable=True)  # noqa: RUF009
     log_every: int = spec(int, low=1)
+    save_minutes: float = spec(float, low=0)
     ckpt_every: int = spec(int, low=0)
     max_nonfinite: int = spec(int, low=1)
     progress: bool = spec(bool)

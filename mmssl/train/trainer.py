@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mmssl.config import ConfigError
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
 from mmssl.export import load_encoder, save_encoder, save_heads
 from mmssl.lora import LoRALinear, apply_lora, merge_lora
@@ -228,6 +229,8 @@ class Trainer:
         self.model = self._wrap(fresh=resume_from is None)
         self.loader = self._stream()
         self.log_every, self.ckpt_every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
+        # checkpoints/last is refreshed at least this often, so a killed run loses minutes, not the run
+        self.save_seconds, self.last_save = 60.0 * float(t.get("save_minutes") or 0), time.monotonic()
         self.max_bad, self.bad_run = int(t.get("max_nonfinite", 5)), 0
         self.interval = _Interval(self.device, len(self.source.mixture or []))
         self.progress = _Progress(self.max_steps, self.pos.step,
@@ -309,14 +312,19 @@ class Trainer:
             self.interval.t0 += ev["eval_seconds"]  # throughput counts training time only
 
     def checkpoint(self) -> None:
-        """checkpoints/step_N and checkpoints/last every ``ckpt_every`` steps, checkpoints/last at the end.
-        Atomic: every rank writes its RNG and data position into a temporary folder, rank 0 adds weights,
-        optimizer and meta, then moves it into place under each name."""
+        """checkpoints/step_N and checkpoints/last every ``ckpt_every`` steps, checkpoints/last every
+        ``save_minutes`` (all ranks agree: rank 0's clock decides) and at the end. Atomic: every rank
+        writes its RNG and data position into a temporary folder, rank 0 adds weights, optimizer and
+        meta, then moves it into place under each name."""
         pos, every = self.pos, self.ckpt_every
         names = [f"step_{pos.step}"] if every and pos.step % every == 0 else []
-        if not (names or pos.step == self.max_steps):
+        due = bool(self.save_seconds) and any_true(
+            torch.tensor(self.dist.is_main and time.monotonic() - self.last_save >= self.save_seconds,
+                         device=self.device), self.dist)
+        if not (names or due or pos.step == self.max_steps):
             return
         names.append("last")
+        self.last_save = time.monotonic()
         tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{pos.step}")
         barrier(self.dist)
         ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in pos.roles.items()}})
@@ -347,7 +355,8 @@ class Trainer:
         encoders_init/ before init= (if any) loads its own; stale temporary checkpoints are cleared."""
         resume_from = ckpt.find(self.ckpt_root) if self.cfg.get("resume") else None
         if self.cfg.get("resume") and resume_from is None:
-            self._say(f"[mmssl] no checkpoint in {self.ckpt_root}: starting from step 0")
+            raise ConfigError(f"resume=true: {self.ckpt_root} holds no checkpoint (the run stopped before its "
+                              f"first one); start it again without resume=true")
         if resume_from is None:
             # the evaluators' random-init baseline: the freshly built weights, saved before init= may
             # load pretrained ones (a continued run's "random init" must not be its starting checkpoint)
