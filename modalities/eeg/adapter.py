@@ -19,6 +19,16 @@ import torch
 from torch import nn
 
 from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.common import (
+    cpu_uniform,
+    mae_keep_count,
+    masked_token_mean,
+    noise_ranks,
+    normalise_patches,
+    sincos,
+    squared_error,
+    view_config,
+)
 from mmssl.modalities.eeg.data import resample
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
@@ -94,12 +104,7 @@ class EEGAdapter(ModalityAdapter):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        views = dict(VIEW_DEFAULTS)
-        unknown = set(c.get("views") or {}) - set(VIEW_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown eeg views keys {sorted(unknown)}; known: {', '.join(VIEW_DEFAULTS)}")
-        views.update(c.get("views") or {})
-        self.view_cfg = views
+        self.view_cfg = view_config("eeg", VIEW_DEFAULTS, c.get("views"))
 
     # -- input ----------------------------------------------------------------------------------------
     def _check(self, batch: Batch) -> None:
@@ -173,8 +178,7 @@ class EEGAdapter(ModalityAdapter):
         secs = (torch.arange(Tp, device=xyz.device, dtype=xyz.dtype) + 0.5) * (self.patch / self.sample_rate)
         # 2 pi f.(x, y, z, t) = spatial phase per channel + time phase per patch: [B, C, Tp, K]
         phase = (xyz @ f[:, :3].T)[:, :, None, :] + (secs[:, None] * f[:, 3])[None, None]
-        phase = 2 * math.pi * phase
-        feats = torch.cat([phase.sin(), phase.cos()], -1)
+        feats = sincos(2 * math.pi * phase)
         pos = self.pos_fourier(feats) + self.pos_xyz(xyz)[:, :, None, :]
         return pos.reshape(B, C * Tp, self.dim)
 
@@ -225,8 +229,7 @@ class EEGAdapter(ModalityAdapter):
         t = patches.flatten(1, 2).float()
         out = []
         if self.target in ("samples", "both"):
-            out.append((t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
-                       if self.norm_target else t)
+            out.append(normalise_patches(t) if self.norm_target else t)
         if self.target in ("spectrum", "both"):
             out.append(self.spectrum(t))
         return out[0] if len(out) == 1 else torch.cat(out, -1)
@@ -235,13 +238,12 @@ class EEGAdapter(ModalityAdapter):
         """Per-token MSE, averaged over the tokens where mask is True. With ``target: both`` the
         samples' MSE and the spectrum's MSE are each a mean over their own width, summed with
         ``spectrum_weight``: the 16 band powers would otherwise weigh 16 / (patch + 16) of the loss."""
-        sq = (pred.float() - target.float()) ** 2
+        sq = squared_error(pred, target)
         if self.target == "both":
             err = sq[..., :self.patch].mean(-1) + self.spectrum_weight * sq[..., self.patch:].mean(-1)
         else:
             err = sq.mean(-1)
-        m = mask.float()
-        return (err * m).sum() / m.sum().clamp_min(1.0)
+        return masked_token_mean(err, mask)
 
     def make_mask(self, tokens: Tokens, ratio: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -253,20 +255,19 @@ class EEGAdapter(ModalityAdapter):
         ch = tokens.index[..., 0].cpu()
         B, N = pad.shape
         L = (~pad).sum(1)
-        n_hide = L - (L.double() * (1.0 - ratio)).floor().long()
+        n_hide = L - mae_keep_count(L, ratio)
         C = int(ch.max()) + 1 if N else 1
         # real tokens per channel, channels visited in a random order, cumulated
         per_ch = torch.zeros(B, C, dtype=torch.long).scatter_add_(1, ch, (~pad).long())
-        order = torch.argsort(torch.rand(B, C, generator=generator), 1)
+        order = torch.argsort(cpu_uniform(B, C, generator=generator), 1)
         cum = torch.gather(per_ch, 1, order).cumsum(1)
         budget = (n_hide.double() * self.mask_channel_fraction).floor().long()
         chosen_sorted = (cum <= budget[:, None]) & (torch.gather(per_ch, 1, order) > 0)
         chosen = torch.zeros(B, C, dtype=torch.bool).scatter_(1, order, chosen_sorted)
         whole = torch.gather(chosen, 1, ch) & ~pad  # tokens of the chosen channels
         # priority: chosen channels first, then random tokens; padding last
-        noise = torch.rand(B, N, generator=generator)
-        noise = torch.where(whole, torch.full_like(noise, -1.0), noise).masked_fill(pad, 2.0)
-        rank = torch.argsort(torch.argsort(noise, 1), 1)
+        noise = cpu_uniform(B, N, generator=generator)
+        rank = noise_ranks(torch.where(whole, torch.full_like(noise, -1.0), noise), pad)
         hidden = (rank < n_hide[:, None]) & ~pad
         return hidden.to(tokens.pad.device)
 

@@ -10,6 +10,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from mmssl.modalities.base import ModalityAdapter, local_view_side
+from mmssl.modalities.common import (
+    float_pair,
+    masked_mse,
+    normalise_patches,
+    random_token_mask,
+    sincos_grid,
+    view_config,
+)
 from torch import nn
 from torchvision.transforms import v2
 
@@ -41,18 +49,9 @@ def sincos_2d(rows: int, cols: int, dim: int, device: torch.device | str | None 
     -> [rows * cols, dim], row-major. As in MAE, the first half of the channels encodes the column
     (MAE's ``meshgrid(grid_w, grid_h)`` puts w first) and the second half the row; each half is
     ``[sin(pos * omega), cos(pos * omega)]`` with omega = 1 / 10000^(k / (dim / 4))."""
-    if dim % 4:
+    if dim % 4:  # MAE's table has no spare channels
         raise ValueError(f"2D sin-cos positions need a width divisible by 4, not {dim}")
-    quarter = dim // 4
-    f64 = {"dtype": torch.float64, "device": device}
-    omega = 1.0 / 10000 ** (torch.arange(quarter, **f64) / quarter)
-    r, c = torch.meshgrid(torch.arange(rows, **f64), torch.arange(cols, **f64), indexing="ij")
-
-    def one(p: torch.Tensor) -> torch.Tensor:
-        ang = p.reshape(-1, 1) * omega[None]
-        return torch.cat([ang.sin(), ang.cos()], 1)
-
-    return torch.cat([one(c), one(r)], 1).float()
+    return sincos_grid((rows, cols), dim, device)
 
 
 def resize_pos(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -75,9 +74,9 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
 
 
-def _pair(v: Any) -> tuple[float, float]:
-    a, b = v
-    return float(a), float(b)
+def _unit_range(img: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] uint8 -> float in [0, 1]; float images pass unchanged."""
+    return img if img.is_floating_point() else img.float() / 255.0
 
 
 @MODALITIES.register("image")
@@ -121,12 +120,7 @@ class ImageAdapter(ModalityAdapter):
             self.register_buffer("sincos", sincos_2d(*self.grid, dim)[None], persistent=False)
         else:
             raise ValueError(f"image position must be 'learned' or 'sincos', not {self.position!r}")
-        views = dict(VIEW_DEFAULTS)
-        unknown = set(c.get("views") or {}) - set(VIEW_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown image views keys {sorted(unknown)}; known: {', '.join(VIEW_DEFAULTS)}")
-        views.update(c.get("views") or {})
-        self.view_cfg = views
+        self.view_cfg = view_config("image", VIEW_DEFAULTS, c.get("views"))
 
     # -- input ----------------------------------------------------------------------------------------
     def _grid_of(self, img: torch.Tensor) -> tuple[int, int]:
@@ -141,8 +135,7 @@ class ImageAdapter(ModalityAdapter):
     def _normalised(self, batch: Batch) -> torch.Tensor:
         img = batch["image"]
         self._grid_of(img)
-        if not img.is_floating_point():
-            img = img.float() / 255.0
+        img = _unit_range(img)
         return (img - self.mean.to(img.dtype)) / self.std.to(img.dtype)
 
     def positions(self, rows: int, cols: int) -> torch.Tensor:
@@ -180,32 +173,17 @@ class ImageAdapter(ModalityAdapter):
         """MAE's targets: patchified normalised pixels [B, N, p*p*3]; with ``norm_pix`` each patch is
         normalised by its own mean and (unbiased, as MAE's ``var``) variance, eps 1e-6."""
         t = patchify(self._normalised(batch).float(), self.patch_size)
-        if self.norm_pix:
-            mean = t.mean(-1, keepdim=True)
-            var = t.var(-1, keepdim=True)
-            t = (t - mean) / (var + 1e-6) ** 0.5
-        return t
+        return normalise_patches(t) if self.norm_pix else t
 
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MAE's loss: per-token MSE over the last dim, averaged over the tokens where mask is True."""
-        err = ((pred.float() - target.float()) ** 2).mean(-1)
-        m = mask.float()
-        return (err * m).sum() / m.sum().clamp_min(1.0)
+        return masked_mse(pred, target, mask)
 
     def make_mask(self, tokens: Tokens, ratio: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
         """MAE's per-sample random masking: keep ``int(L * (1 - ratio))`` of each sample's L non-padding
         tokens, chosen by argsort of uniform noise (drawn on CPU with ``generator``); hide the rest."""
-        pad = tokens.pad
-        B, N = pad.shape
-        pad_cpu = pad.cpu()  # one device-to-host copy; the noise is drawn on CPU anyway
-        L = (~pad_cpu).sum(1)
-        n_keep = (L.double() * (1.0 - ratio)).floor().long()  # float64: the same round-down as int()
-        noise = torch.rand(B, N, generator=generator, device="cpu")
-        noise = noise.masked_fill(pad_cpu, 2.0)  # padding sorts last, after every real token
-        rank = torch.argsort(torch.argsort(noise, 1), 1)
-        hidden = (rank >= n_keep[:, None]) & ~pad_cpu
-        return hidden.to(pad.device)
+        return random_token_mask(tokens.pad, ratio, generator)
 
     # -- views ----------------------------------------------------------------------------------------
     def _local_side(self, side: int) -> int:
@@ -215,8 +193,8 @@ class ImageAdapter(ModalityAdapter):
         v = self.view_cfg
         interp = v2.InterpolationMode(str(v["interpolation"]).lower())
         steps: list[v2.Transform] = [
-            v2.RandomResizedCrop(size, scale=_pair(scale), ratio=_pair(v["ratio"]), interpolation=interp,
-                                 antialias=True),
+            v2.RandomResizedCrop(size, scale=float_pair(scale), ratio=float_pair(v["ratio"]),
+                                 interpolation=interp, antialias=True),
             v2.RandomHorizontalFlip(float(v["flip_p"])),
             v2.RandomApply([v2.ColorJitter(*[float(j) for j in v["jitter"]])], p=float(v["jitter_p"])),
             v2.RandomGrayscale(float(v["grayscale_p"])),
@@ -239,8 +217,7 @@ class ImageAdapter(ModalityAdapter):
         img = batch["image"]
         H, W = img.shape[-2:]
         self._grid_of(img)
-        if not img.is_floating_point():
-            img = img.float() / 255.0
+        img = _unit_range(img)
         rest = {k: t for k, t in batch.items() if k != "image"}
         local = self._local_side(min(H, W))
         out = []
@@ -255,10 +232,7 @@ class ImageAdapter(ModalityAdapter):
     # -- features -------------------------------------------------------------------------------------
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Raw pixels average-pooled to 8 x 8 per channel: [B, 192]."""
-        img = batch["image"]
-        if not img.is_floating_point():
-            img = img.float() / 255.0
-        return F.adaptive_avg_pool2d(img.float(), 8).flatten(1)
+        return F.adaptive_avg_pool2d(_unit_range(batch["image"]).float(), 8).flatten(1)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "patch_size": self.patch_size, "mean": self.mean_values,

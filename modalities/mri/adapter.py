@@ -25,6 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.modalities.base import ModalityAdapter, local_view_side
+from mmssl.modalities.common import (
+    cpu_uniform,
+    float_pair,
+    kept_first,
+    mae_keep_count,
+    masked_mse,
+    noise_ranks,
+    normalise_patches,
+    sincos_grid,
+    view_config,
+)
 from mmssl.modalities.mri.data import DEFAULT_CONTRASTS, MRICodec
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
@@ -48,19 +59,9 @@ def sincos_3d(d: int, h: int, w: int, dim: int, device: torch.device | str | Non
     Each axis gets ``2 * (dim // 6)`` channels, [sin(pos * omega), cos(pos * omega)] with
     omega_k = 1 / 10000^(k / (dim // 6)); in the order w, h, d (as MAE puts the column first); the
     ``dim % 6`` channels left over are zero."""
-    f = dim // 6
-    if f < 1:
+    if dim < 6:  # at least one frequency per axis
         raise ValueError(f"3D sin-cos positions need a width of at least 6, not {dim}")
-    f64 = {"dtype": torch.float64, "device": device}
-    omega = 1.0 / 10000 ** (torch.arange(f, **f64) / f)
-    gd, gh, gw = torch.meshgrid(torch.arange(d, **f64), torch.arange(h, **f64), torch.arange(w, **f64), indexing="ij")
-
-    def one(p: torch.Tensor) -> torch.Tensor:
-        ang = p.reshape(-1, 1) * omega[None]
-        return torch.cat([ang.sin(), ang.cos()], 1)
-
-    out = torch.cat([one(gw), one(gh), one(gd)], 1)
-    return F.pad(out, (0, dim - out.shape[1])).float()
+    return sincos_grid((d, h, w), dim, device)
 
 
 def patchify3d(vol: torch.Tensor, p: int) -> torch.Tensor:
@@ -80,11 +81,6 @@ def unpatchify3d(patches: torch.Tensor, grid: tuple[int, int, int], p: int) -> t
     n = len(lead)
     x = x.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5)
     return x.reshape(*lead, d * p, h * p, w * p)
-
-
-def _pair(v: Any) -> tuple[float, float]:
-    a, b = v
-    return float(a), float(b)
 
 
 @MODALITIES.register("mri")
@@ -135,10 +131,7 @@ class MRIAdapter(ModalityAdapter):
             self.register_buffer("sincos", sincos_3d(*self.grid, dim)[None], persistent=False)
         else:
             raise ValueError(f"mri position must be 'sincos' or 'learned', not {self.position!r}")
-        unknown = set(c.get("views") or {}) - set(VIEW_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown mri views keys {sorted(unknown)}; known: {', '.join(VIEW_DEFAULTS)}")
-        self.view_cfg = {**VIEW_DEFAULTS, **(c.get("views") or {})}
+        self.view_cfg = view_config("mri", VIEW_DEFAULTS, c.get("views"))
 
     # -- input ----------------------------------------------------------------------------------------
     def _check(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
@@ -177,10 +170,9 @@ class MRIAdapter(ModalityAdapter):
         indices into the full M*G sequence, or None when every contrast of every case is present."""
         if bool(present.all()):
             return None
-        pad = (~present).repeat_interleave(G, dim=1)  # [B, M*G]
-        order = torch.argsort(pad.to(torch.int8), dim=1, stable=True)
-        n = int((~pad).sum(1).max())
-        return order[:, :n]
+        real = present.repeat_interleave(G, dim=1)  # [B, M*G]
+        n = int(real.sum(1).max())
+        return kept_first(real)[:, :n]
 
     # -- tokens ---------------------------------------------------------------------------------------
     def tokenize(self, batch: Batch) -> Tokens:
@@ -231,7 +223,7 @@ class MRIAdapter(ModalityAdapter):
         B, M = vol.shape[:2]
         t = patchify3d(vol.float(), self.patch_size).reshape(B, -1, self.target_dim)
         if self.norm_pix:
-            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+            t = normalise_patches(t)
         order = self._order(present, grid[0] * grid[1] * grid[2])
         if order is not None:
             t = torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[-1]))
@@ -240,9 +232,7 @@ class MRIAdapter(ModalityAdapter):
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MAE's loss: per-token MSE over the patch's voxels, averaged over the tokens where mask is True
         (hidden on purpose; a contrast the case lacks has no token, so it never counts)."""
-        err = ((pred.float() - target.float()) ** 2).mean(-1)
-        m = mask.float()
-        return (err * m).sum() / m.sum().clamp_min(1.0)
+        return masked_mse(pred, target, mask)
 
     def make_mask(self, tokens: Tokens, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per case: hide ``L - int(L * (1 - ratio))`` of its L real tokens (MAE's count). With
@@ -254,23 +244,22 @@ class MRIAdapter(ModalityAdapter):
         B, N = pad.shape
         M = self.num_contrasts
         L = (~pad).sum(1)
-        n_keep = (L.double() * (1.0 - ratio)).floor().long()
+        n_keep = mae_keep_count(L, ratio)
         n_hide = L - n_keep
         counts = torch.zeros(B, M, dtype=torch.long).scatter_add_(1, cidx, (~pad).long())  # tokens per contrast
         present = counts > 0
         P = present.sum(1)
         per = counts.max(1).values.clamp_min(1)  # tokens of one contrast (all present ones have the grid)
         k_max = torch.minimum(P - 1, n_hide // per).clamp_min(0)
-        u = torch.rand(B, generator=generator)
-        whole = torch.rand(B, generator=generator) < self.whole_contrast_p
+        u = cpu_uniform(B, generator=generator)
+        whole = cpu_uniform(B, generator=generator) < self.whole_contrast_p
         k = torch.where(whole & (k_max > 0), 1 + (u * k_max.double()).floor().long().clamp_max(k_max - 1), 0)
-        cnoise = torch.rand(B, M, generator=generator).masked_fill(~present, 2.0)
-        crank = torch.argsort(torch.argsort(cnoise, 1), 1)
+        crank = noise_ranks(cpu_uniform(B, M, generator=generator), ~present)
         hide_c = crank < k[:, None]  # [B, M] the contrasts hidden whole
-        noise = torch.rand(B, N, generator=generator)
-        noise = torch.where(torch.gather(hide_c, 1, cidx), 1.5, noise)  # sort after every random patch
-        noise = noise.masked_fill(pad, 2.0)  # padding last of all
-        rank = torch.argsort(torch.argsort(noise, 1), 1)
+        noise = cpu_uniform(B, N, generator=generator)
+        # the whole contrasts' tokens sort after every random patch (1.5), padding after those (2.0)
+        noise = torch.where(torch.gather(hide_c, 1, cidx), 1.5, noise)
+        rank = noise_ranks(noise, pad)
         hidden = (rank >= n_keep[:, None]) & ~pad
         return hidden.to(tokens.pad.device)
 
@@ -282,9 +271,9 @@ class MRIAdapter(ModalityAdapter):
         B, M = vol.shape[:2]
         out = vol.clone()
         head = out != 0
-        lo, hi = _pair(v["scale"])
+        lo, hi = float_pair(v["scale"])
         scale = torch.empty(B, M, 1, 1, 1, device=vol.device).uniform_(lo, hi)
-        lo, hi = _pair(v["shift"])
+        lo, hi = float_pair(v["shift"])
         shift = torch.empty(B, M, 1, 1, 1, device=vol.device).uniform_(lo, hi)
         out = torch.where(head, out * scale + shift, out)
         for b in range(B):
@@ -312,7 +301,7 @@ class MRIAdapter(ModalityAdapter):
             if i < n_global:
                 v = vol
             else:
-                lo, hi = _pair(self.view_cfg["local_scale"])
+                lo, hi = float_pair(self.view_cfg["local_scale"])
                 s = self._local_side(side)
                 crops = []
                 for b in range(vol.shape[0]):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.common import kept_first, random_token_mask, view_config
 from mmssl.modalities.point.chamfer import masked_chamfer_l2
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
@@ -155,11 +156,7 @@ class PointAdapter(ModalityAdapter):
         self.pos_embed = nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.d2_bins = int(c.get("d2_bins", 32))
         self.d2_points = int(c.get("d2_points", 256))
-        views = dict(VIEW_DEFAULTS)
-        unknown = set(c.get("views") or {}) - set(VIEW_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown point views keys {sorted(unknown)}; known: {', '.join(VIEW_DEFAULTS)}")
-        views.update(c.get("views") or {})
+        views = view_config("point", VIEW_DEFAULTS, c.get("views"))
         if views["rotation"] not in ("up", "so3", "none"):
             raise ValueError(f"point views.rotation must be up, so3 or none, not {views['rotation']!r}")
         self.view_cfg = views
@@ -237,14 +234,7 @@ class PointAdapter(ModalityAdapter):
                   generator: torch.Generator | None = None) -> torch.Tensor:
         """Point-MAE's random group masking: keep ``int(L * (1 - ratio))`` of each cloud's L real groups,
         chosen by argsort of uniform noise (drawn on CPU with ``generator``); hide the rest."""
-        pad = tokens.pad
-        B, N = pad.shape
-        pad_cpu = pad.cpu()
-        L = (~pad_cpu).sum(1)
-        n_keep = (L.double() * (1.0 - ratio)).floor().long()
-        noise = torch.rand(B, N, generator=generator, device="cpu").masked_fill(pad_cpu, 2.0)
-        rank = torch.argsort(torch.argsort(noise, 1), 1)
-        return ((rank >= n_keep[:, None]) & ~pad_cpu).to(pad.device)
+        return random_token_mask(tokens.pad, ratio, generator)
 
     # -- views ----------------------------------------------------------------------------------------
     def _rotations(self, B: int, device: torch.device) -> torch.Tensor:
@@ -269,7 +259,7 @@ class PointAdapter(ModalityAdapter):
     @staticmethod
     def _compact(xyz: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Move each cloud's kept points to the front, in order: -> (xyz [B, P', 3] zero-padded, len [B])."""
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        order = kept_first(keep)
         lens = keep.sum(1)
         out = gather_points(xyz, order)[:, :int(lens.max())]
         valid = torch.arange(out.shape[1], device=xyz.device)[None] < lens[:, None]
@@ -326,7 +316,7 @@ class PointAdapter(ModalityAdapter):
         B, P, _ = xyz.shape
         # a fixed random subset of each cloud's real points: a shuffle seeded once, real points first
         perm = torch.randperm(P, generator=torch.Generator().manual_seed(0)).to(xyz.device)
-        order = torch.argsort((~valid[:, perm]).to(torch.int8), dim=1, stable=True)
+        order = kept_first(valid[:, perm])
         sub = perm[order[:, :min(self.d2_points, P)]]  # [B, m]
         x, ok = gather_points(xyz, sub), torch.gather(valid, 1, sub)
         m = sub.shape[1]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.common import cpu_uniform, masked_mse, sincos
 from mmssl.modalities.speech.features import HOP, MFCC, LogMel, num_frames, per_utterance
 from mmssl.registry import MODALITIES
 from mmssl.types import Batch, Tokens
@@ -123,9 +124,22 @@ class ConvPosition(nn.Module):
 def sinusoid(index: torch.Tensor, dim: int) -> torch.Tensor:
     """index: [B, N] positions -> [B, N, dim] fixed sin-cos embedding (Transformer's)."""
     half = dim // 2
+    # the Transformer's float32 exp-log frequencies, not sincos_grid's float64 powers: they round
+    # differently, and speech models were trained with these
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=index.device, dtype=torch.float32) / half)
-    ang = index.float()[..., None] * freq
-    return torch.cat([ang.sin(), ang.cos()], -1)
+    return sincos(index.float()[..., None] * freq)
+
+
+def _utterance_moments(feats: torch.Tensor, pad: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """feats [B, N, F] frame features, pad [B, N] -> (w [B, N, 1] 1.0 at real frames, mean [B, 1, F],
+    var [B, 1, F] population variance), each utterance over its real frames only, so padding never
+    shifts its statistics."""
+    w = (~pad)[..., None].float()
+    cnt = w.sum(1, keepdim=True).clamp_min(1)
+    mean = (feats * w).sum(1, keepdim=True) / cnt
+    var = ((feats - mean) ** 2 * w).sum(1, keepdim=True) / cnt
+    return w, mean, var
 
 
 @MODALITIES.register("speech")
@@ -194,10 +208,7 @@ class SpeechAdapter(ModalityAdapter):
     def targets(self, batch: Batch, tokens: Tokens | None = None) -> torch.Tensor:
         """Per-utterance normalised log-mel frames [B, N, n_mels]."""
         feats, pad = per_utterance(self.logmel, batch["speech"], self._lengths(batch))
-        w = (~pad)[..., None].float()
-        cnt = w.sum(1, keepdim=True).clamp_min(1)
-        mean = (feats * w).sum(1, keepdim=True) / cnt
-        var = ((feats - mean) ** 2 * w).sum(1, keepdim=True) / cnt
+        w, mean, var = _utterance_moments(feats, pad)
         return ((feats - mean) / (var + 1e-6).sqrt()) * w
 
     @property
@@ -205,9 +216,8 @@ class SpeechAdapter(ModalityAdapter):
         return self.logmel.mel.n_mels
 
     def recon_loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        err = ((pred.float() - target.float()) ** 2).mean(-1)
-        m = mask.float()
-        return (err * m).sum() / m.sum().clamp_min(1.0)
+        """Per-frame MSE over the log-mel bins, averaged over the frames where mask is True."""
+        return masked_mse(pred, target, mask)
 
     def make_mask(self, tokens: Tokens, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """HuBERT/wav2vec 2.0 span masking: each sample draws ``floor(p * L + u)`` distinct span starts
@@ -220,11 +230,11 @@ class SpeechAdapter(ModalityAdapter):
         span = self.mask_span
         L = (~pad).sum(1)
         p = 1.0 - (1.0 - ratio) ** (1.0 / span)
-        u = torch.rand(B, generator=generator, device="cpu").to(dev)
+        u = cpu_uniform(B, generator=generator).to(dev)
         n_starts = torch.clamp((p * L.float() + u).floor().long(), min=2)
         n_cand = (L - span).clamp_min(1)
         n_starts = torch.minimum(n_starts, n_cand)
-        noise = torch.rand(B, N, generator=generator, device="cpu").to(dev)
+        noise = cpu_uniform(B, N, generator=generator).to(dev)
         ar = torch.arange(N, device=dev)
         noise = noise.masked_fill(ar[None] >= n_cand[:, None], 2.0)
         kth = noise.sort(1).values.gather(1, (n_starts - 1).clamp_min(0)[:, None])
@@ -268,20 +278,14 @@ class SpeechAdapter(ModalityAdapter):
         level, which the per-frame-normalised front-end cannot see; with it, units follow spectral
         shape (tested: the unit's PNMI against phones and the model's unit accuracy both rise)."""
         feats, pad = per_utterance(self.mfcc, batch["speech"], self._lengths(batch))
-        w = (~pad)[..., None].float()
-        cnt = w.sum(1, keepdim=True).clamp_min(1)
-        mean = (feats * w).sum(1, keepdim=True) / cnt
-        std = (((feats - mean) ** 2 * w).sum(1, keepdim=True) / cnt).sqrt()
-        return ((feats - mean) / (std + 1e-5)) * w, pad
+        w, mean, var = _utterance_moments(feats, pad)
+        return ((feats - mean) / (var.sqrt() + 1e-5)) * w, pad
 
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Per-utterance means and standard deviations of 13 MFCCs: [B, 26]."""
         feats, pad = per_utterance(self.mfcc_plain, batch["speech"], self._lengths(batch))
-        w = (~pad)[..., None].float()
-        cnt = w.sum(1).clamp_min(1)
-        mean = (feats * w).sum(1) / cnt
-        std = (((feats - mean[:, None]) ** 2 * w).sum(1) / cnt).sqrt()
-        return torch.cat([mean, std], -1)
+        _, mean, var = _utterance_moments(feats, pad)
+        return torch.cat([mean[:, 0], var[:, 0].sqrt()], -1)
 
     def token_rate(self) -> float:
         return 16000 / HOP  # 50 frames per second

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from mmssl.modalities.base import ModalityAdapter
+from mmssl.modalities.common import cpu_uniform, noise_ranks
 from mmssl.modalities.text.data import CONTEXT_LENGTH, EOT, SOT, TOKENIZER_NAME, VOCAB_SIZE, TextCodec
 from torch import nn
 
@@ -114,9 +115,8 @@ class TextAdapter(ModalityAdapter):
         if ratio > 0:
             k = torch.where(n >= 1, k.clamp_min(1), k)
         k = torch.minimum(k, n)
-        noise = torch.rand(B, N, generator=generator, device="cpu").to(dev)
-        noise = noise.masked_fill(~cand, 2.0)
-        rank = noise.argsort(1).argsort(1)
+        noise = cpu_uniform(B, N, generator=generator).to(dev)  # drawn on CPU, ranked on the batch's device
+        rank = noise_ranks(noise, ~cand)
         return (rank < k[:, None]) & cand
 
     def corrupt(self, batch: Batch, token_mask: torch.Tensor,
