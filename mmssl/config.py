@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmssl.errors import BadFileError, ConfigError, read_json_object
 from mmssl.registry import MODALITIES, OBJECTIVES
 
 GROUPS = ("modality", "objective", "data", "trainer", "model", "eval")
@@ -31,10 +32,6 @@ GROUPS = ("modality", "objective", "data", "trainer", "model", "eval")
 # ${mmssl.first_set:a,b}: the first argument that is not null (a tower's own size, else model.name)
 if not OmegaConf.has_resolver("mmssl.first_set"):
     OmegaConf.register_new_resolver("mmssl.first_set", lambda *xs: next((x for x in xs if x is not None), None))
-
-
-class ConfigError(ValueError):
-    """A user error in the command line: printed as one line, exit code 2."""
 
 
 #: the command line's name for a user error (``mmssl.cli`` prints it as one line)
@@ -169,7 +166,15 @@ def check_resume(cfg: DictConfig) -> None:
     if find(Path(cfg.run_dir) / "checkpoints") is None:
         raise ConfigError(f"resume=true: {cfg.run_dir} holds no checkpoint (the run stopped before its first "
                           f"one); start it again without resume=true")
-    saved = OmegaConf.load(Path(cfg.run_dir) / "config.yaml")
+    saved_path = Path(cfg.run_dir) / "config.yaml"
+    try:
+        saved = OmegaConf.load(saved_path)
+    except FileNotFoundError:
+        raise BadFileError(saved_path, "no such file: the run's saved config (is run_dir a run?)") from None
+    except Exception as e:  # noqa: BLE001 (yaml's and OmegaConf's parse errors have no common base)
+        raise BadFileError(saved_path, f"not a readable config ({type(e).__name__})") from None
+    if not isinstance(saved, DictConfig):
+        raise BadFileError(saved_path, "not a mapping of config groups")
     ignore = {"resume", "allow_config_change", "cache_dir", "run_dir"}  # a moved run is the same run
     old = {k: v for k, v in OmegaConf.to_container(saved, resolve=True).items() if k not in ignore}
     new = {k: v for k, v in to_dict(cfg).items() if k not in ignore}
@@ -220,10 +225,10 @@ def init_tower_config(m: str, init: str, built: dict[str, Any], overrides: list[
     rec = record / m / "config.json" if record is not None else None
     recorded = rec is not None and rec.exists()
     if recorded:
-        src, where = json.loads(rec.read_text()), rec.parent
+        src, where = read_json_object(rec, "an encoder config.json", ("modality", "backbone")), rec.parent
     else:
         where = resolve_encoder_dir(Path(init), m)
-        src = json.loads((where / "config.json").read_text())
+        src = read_json_object(where / "config.json", "an encoder config.json", ("modality", "backbone"))
         if src.get("modality") != m:
             raise ConfigError(f"init={init} holds a {src.get('modality')!r} encoder, not {m!r}")
     cfg = {k: v for k, v in src.items() if k not in ("preprocessing", "objective", "step", "init")}
@@ -463,7 +468,7 @@ def resolve_eval(args: list[str], evaluator: str | None = None) -> EvalSpec:
     from mmssl.schema import check
 
     enc_dir = encoder_dir_of(args)  # before composing: the keys may not exist in the default modality's config
-    saved = json.loads((enc_dir / "config.json").read_text())
+    saved = read_json_object(enc_dir / "config.json", "an encoder config.json", ("modality",))
     modality = saved["modality"]
     check_preprocessing(args, saved, enc_dir)
     rest = [a for a in args if not a.startswith("modality=")]
@@ -492,7 +497,7 @@ def resolve_pair_eval(args: list[str], evaluator: str) -> EvalSpec:
     head = run / "heads" / "contrastive.json"
     if not head.exists():
         raise ConfigError(f"{run} is not the run directory of a contrastive run (no heads/contrastive.json)")
-    mods = json.loads(head.read_text())["modalities"]
+    mods = read_json_object(head, "a contrastive head's config", ("modalities",))["modalities"]
     for a in args:
         if a.startswith(("model.", "modality.")) and not a.startswith(tuple(f"modality.{m}.preset" for m in mods)):
             raise ConfigError(f"{a.split('=')[0]} describes the encoders, which evaluation reads from {run}; remove it")

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mmssl.atomic import make_tmp_dir, replace_dir
 from mmssl.encoder import Encoder
+from mmssl.errors import BadFileError, ConfigError, MissingFileError, read_json_object, read_safetensors
 from mmssl.factory import build_encoder
 from mmssl.types import Batch
 
@@ -65,25 +66,26 @@ def resolve_encoder_dir(path: Path, modality: str | None = None, which: str = "e
         sib = path.parent.parent / which / path.name
         if path.parent.name == "encoders" and (sib / "config.json").exists():
             return sib
-        raise FileNotFoundError(f"{path} is an export without {which}/ beside it")
+        raise MissingFileError(path, f"an export without {which}/ beside it")
     root = path / which
     if not root.is_dir():
         old = root.with_name(root.name + ".old")
         if old.is_dir():
             root = old
         else:
-            raise FileNotFoundError(f"{path} is neither an encoder export nor a run directory with {which}/")
+            raise MissingFileError(path, f"neither an encoder export (config.json + model.safetensors) nor a run "
+                                         f"directory with {which}/")
     # leftovers of an interrupted write (.tmp-*, *.old) are not towers
     towers = sorted(p.name for p in root.iterdir() if (p / "config.json").exists()
                     and not p.name.startswith(".") and not p.name.endswith(".old"))
     if not towers:
-        raise FileNotFoundError(f"no encoder in {root}")
+        raise MissingFileError(root, "no encoder in it")
     if modality is None:
         if len(towers) > 1:
-            raise ValueError(f"{path} has several towers; pass modality= one of: {', '.join(towers)}")
+            raise ConfigError(f"{path} has several towers; pass modality= one of: {', '.join(towers)}")
         modality = towers[0]
     if modality not in towers:
-        raise ValueError(f"{path} has no {modality!r} encoder; choose one of: {', '.join(towers)}")
+        raise ConfigError(f"{path} has no {modality!r} encoder; choose one of: {', '.join(towers)}")
     return root / modality
 
 
@@ -93,12 +95,19 @@ def load_encoder(path: str | Path, modality: str | None = None, device: str | to
 
     ``which="encoders_init"`` loads a run's step-0 weights (the probe's random-init baseline)."""
     d = resolve_encoder_dir(Path(path), modality, which)
-    cfg = json.loads((d / "config.json").read_text())
-    enc = build_encoder(cfg)
-    state = load_file(str(d / "model.safetensors"))
-    missing, unexpected = enc.load_state_dict(state, strict=False)
+    cfg = read_json_object(d / "config.json", "an encoder config.json", ("modality", "backbone"))
+    try:
+        enc = build_encoder(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadFileError(d / "config.json", f"does not describe an encoder ({type(e).__name__}: {e})") from None
+    state = read_safetensors(d / "model.safetensors", "the encoder's weights")
+    try:
+        missing, unexpected = enc.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise BadFileError(d / "model.safetensors", f"weights do not fit config.json ({str(e).splitlines()[-1].strip()})") from None
     if missing or unexpected:
-        raise ValueError(f"{d}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise BadFileError(d / "model.safetensors",
+                           f"weights do not fit config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
     enc.source = str(d)  # type: ignore[attr-defined]
     return enc.to(device).eval()
 
@@ -135,12 +144,13 @@ def load_pair(path: str | Path, which: str = "encoders", device: str | torch.dev
     heads = root / ("heads" if which == "encoders" else "heads_init")
     cfg_path = heads / "contrastive.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{root} has no {heads.name}/contrastive.json: not a run of a contrastive objective "
-                                f"(clip, clap, cloob)")
-    cfg = json.loads(cfg_path.read_text())
+        raise MissingFileError(root, f"no {heads.name}/contrastive.json: not a run of a contrastive objective "
+                                     f"(clip, clap, cloob)")
+    cfg = read_json_object(cfg_path, "a contrastive head's config", ("dims", "modalities"))
     head = ContrastiveHead(cfg["dims"], cfg)
-    missing, unexpected = head.load_state_dict(load_file(str(heads / "contrastive.safetensors")), strict=False)
+    missing, unexpected = head.load_state_dict(read_safetensors(heads / "contrastive.safetensors", "the head's weights"),
+                                               strict=False)
     if missing or unexpected:
-        raise ValueError(f"{heads}: weights do not fit the head (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BadFileError(heads / "contrastive.safetensors", f"{heads}: weights do not fit the head (missing {missing[:3]}, unexpected {unexpected[:3]})")
     encoders = {m: load_encoder(root, modality=m, which=which) for m in cfg["modalities"]}
     return PairModel(encoders, head).to(device).eval()

@@ -1,32 +1,28 @@
 """What every converter needs: a safe state-dict loader and shape-reading helpers."""
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
+
+from mmssl.errors import BadFileError, torch_load_weights
 
 
 def load_state_dict(src: Path) -> dict[str, Tensor]:
     """A plain state dict saved with torch.save, or a checkpoint dict holding one under
     ``state_dict`` or ``model``. weights_only: a checkpoint file cannot run code."""
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{src} is not a plain state dict (torch.load(weights_only=True) refused it); "
-                         f"save model.state_dict(), not the model") from e
+    obj = torch_load_weights(src, "a plain state dict saved with torch.save (model.state_dict(), not the model)")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{src} holds no state dict (got {type(obj).__name__})")
+        raise BadFileError(src, f"holds no state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{src}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+        raise BadFileError(src, f"entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     return obj
 
 

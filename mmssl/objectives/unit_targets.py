@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mmssl.atomic import make_tmp_dir, replace_dir
+from mmssl.errors import BadFileError, ConfigError, read_json_object, read_safetensors
 from mmssl.kmeans import StreamingKMeans, pnmi
 from mmssl.objectives.base import PrepareContext
 from mmssl.types import Batch
@@ -146,11 +147,14 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
 def load_units(path: Path, expect: dict[str, Any] | None = None) -> UnitTable:
     """Load a unit table; ``expect`` keys (k, feature, layer, frame_rate, ...) must match its meta."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_json_object(path / "meta.json", "a unit table's meta.json", ("k",))
     for key, val in (expect or {}).items():
         if key in meta and meta[key] != val:
-            raise ValueError(f"targets in {path} have {key}={meta[key]!r}, this run expects {val!r}")
-    t = load_file(str(path / "units.safetensors"))
+            raise ConfigError(f"targets in {path} have {key}={meta[key]!r}, this run expects {val!r}")
+    t = read_safetensors(path / "units.safetensors", "a unit table")
+    missing = [k for k in ("units", "sample_ids", "offsets", "lengths") if k not in t]
+    if missing:
+        raise BadFileError(path / "units.safetensors", f"lacks {', '.join(missing)} (expected a unit table)")
     return UnitTable(t["units"], t["sample_ids"], t["offsets"], t["lengths"], meta)
 
 

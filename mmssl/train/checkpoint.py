@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mmssl.atomic import replace_dir
+from mmssl.errors import (
+    BadFileError,
+    MissingFileError,
+    read_json_object,
+    read_safetensors,
+    torch_load_weights,
+)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -69,16 +76,23 @@ def find(ckpt_root: Path, name: str = "last") -> Path | None:
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, rank: int,
          device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore weights, optimizer and this rank's RNG; returns (trainer meta, this rank's state)."""
-    state = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(state, strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    meta = read_json_object(path / "trainer.json", "a checkpoint's trainer.json", ("step",))
     rng_file = path / f"rng_rank{rank}.safetensors"
     if not rng_file.exists():
-        raise FileNotFoundError(f"{path} has no state for rank {rank}: resume with the same number of processes")
-    set_rng_state(load_file(str(rng_file)))
-    meta = json.loads((path / "trainer.json").read_text())
-    rank_state = json.loads((path / f"state_rank{rank}.json").read_text())
+        raise MissingFileError(path, f"no state for rank {rank}: resume with the same number of processes")
+    rank_state = read_json_object(path / f"state_rank{rank}.json", "a checkpoint's per-rank state")
+    state = read_safetensors(path / "model.safetensors", "a checkpoint's weights")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BadFileError(path / "model.safetensors", f"does not fit this run's model ({str(e).splitlines()[0]})") from None
+    if optimizer is not None:
+        saved = torch_load_weights(path / "optimizer.pt", "a checkpoint's optimizer state")
+        try:
+            optimizer.load_state_dict(saved)
+        except (KeyError, ValueError, TypeError) as e:
+            raise BadFileError(path / "optimizer.pt", f"does not fit this run's optimizer ({e})") from None
+    set_rng_state(read_safetensors(rng_file, "a checkpoint's RNG state"))
     return meta, rank_state
 
 
