@@ -47,6 +47,12 @@ def baseline_fn(encoder: Encoder) -> Callable[[Batch], torch.Tensor]:
     return lambda b: encoder.adapter.baseline_features(b)
 
 
+def baseline_name(encoder: Encoder) -> str:
+    """What the adapter's classical features are: the first line of its ``baseline_features`` doc."""
+    doc = type(encoder.adapter).baseline_features.__doc__
+    return doc.strip().splitlines()[0] if doc else "baseline_features"
+
+
 def init_encoder(path: str | Path, trained: Encoder, seed: int = 0) -> tuple[Encoder, str]:
     """The random-init baseline every evaluator reports: the run's own step-0 weights when the run kept
     them (``encoders_init/``), else the same architecture freshly initialised with ``seed``."""

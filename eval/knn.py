@@ -21,8 +21,6 @@ Evaluator-specific keys: ``k`` (the k asked: a number or the list tried), ``T``,
 list: k -> validation accuracy, averaged over seeds)."""
 from __future__ import annotations
 
-import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.loader import DataSource
-from mmssl.eval.feature_cache import cache_root_for, encoder_features, feature_key
-from mmssl.eval.features import init_encoder, input_size
+from mmssl.eval.feature_cache import encoder_features, feature_key
+from mmssl.eval.features import baseline_name, input_size
 from mmssl.eval.probe_fit import standardise
-from mmssl.eval.results import header, write_result
-from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
-from mmssl.export import load_encoder
+from mmssl.eval.protocol import RANDOM_INIT, EncoderEval, figure, fraction_bars
+from mmssl.eval.stats import summarise
 
 # Queries per chunk are chosen so the [chunk, n] similarity matrix stays near this many elements.
 _SIM_ELEMENTS = 1 << 24
@@ -136,117 +133,72 @@ def run_knn(encoder_path: str | Path, out: str | Path, source: DataSource, ecfg:
             device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
     """The k-NN evaluation of one encoder (see module doc) -> the result dict, also written to
     ``out/knn.json`` and plotted in ``out/knn.png``."""
-    t0 = time.perf_counter()
-    enc = load_encoder(encoder_path, device=device)
-    init, init_source = init_encoder(Path(encoder_path), enc)
-    init = init.to(device)
-    layer = int(ecfg.get("layer", -1))
-    pool = ecfg.get("pool") or enc.pool
+    ev = EncoderEval("knn", encoder_path, source, ecfg, device)
+    enc, cfg = ev.encoder, ev.ecfg
+    layer = int(cfg["layer"])
+    pool = cfg["pool"] or enc.pool
     if pool == "cls" and layer != -1:
         pool = "mean"  # a CLS feature exists at the final output only
     key = feature_key(layer, pool)
-    k_cfg = ecfg.get("k", 20)
+    k_cfg = cfg["k"]
     ks = sorted({int(k) for k in (k_cfg if isinstance(k_cfg, (list, tuple)) else [k_cfg])})
     if ks[0] < 1:
         raise ValueError(f"eval.k must be at least 1, got {k_cfg}")
-    T = float(ecfg.get("T", 0.07))
-    how = str(ecfg.get("preprocess") or "none")
+    T = float(cfg["T"])
+    how = str(cfg["preprocess"])
     if how not in PREPROCESS:  # refused before anything is extracted
         raise ValueError(f"eval.preprocess must be one of {', '.join(PREPROCESS)}, not {how!r}")
-    fractions, seeds = fractions_and_seeds(ecfg)
-    splits = {"train": ecfg.get("split_train", "train"), "val": ecfg.get("split_val", "val"),
-              "test": ecfg.get("split_test", "test")}
-    cache = cache_root_for(cache_dir, bool(ecfg.get("cache_features", True)))
+    splits = {"train": cfg["split_train"], "val": cfg["split_val"], "test": cfg["split_test"]}
+    cache = ev.cache_root(cache_dir)
 
     bad: Counter = Counter()
     feats, labels = _features(enc, source, splits, key, device, batch_size, layer, pool, True, cache, bad)
-    rfeats, _ = _features(init, source, splits, key, device, batch_size, layer, pool, False, cache, Counter())
+    rfeats, _ = _features(ev.init, source, splits, key, device, batch_size, layer, pool, False, cache, Counter())
     for role, y in labels.items():
         if y.dim() != 1 or (y < 0).any():
             raise ValueError(f"split {splits[role]!r} of {source.root} lacks single class labels: "
                              f"k-NN needs one class per item")
-    if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
-        keep = torch.randperm(len(labels["train"]), generator=torch.Generator().manual_seed(0))
-        keep = keep[: int(ecfg["max_train"])]
-        labels["train"] = labels["train"][keep]
-        for f in (feats["encoder"], feats["baseline"], rfeats["encoder"]):
-            f["train"] = f["train"][keep]
+    keep = ev.train_pool(len(labels["train"]))
+    labels["train"] = labels["train"][keep]
+    for f in (feats["encoder"], feats["baseline"], rfeats["encoder"]):
+        f["train"] = f["train"][keep]
     C = max(source.num_classes, *(int(y.max()) + 1 for y in labels.values()))
 
-    sides = {"": (feats["encoder"], how), "random_init_": (rfeats["encoder"], how),
+    sides = {"": (feats["encoder"], how), RANDOM_INIT: (rfeats["encoder"], how),
              "features_baseline_": (feats["baseline"], "zscore")}
     rows = []
-    for frac in sorted(fractions):
+    for frac, subsets in ev.subsets(labels["train"], sorted(ev.fractions)):
         row: dict[str, Any] = {"label_fraction": frac}
         # the whole bank is the same for every seed: score it once
-        run_seeds = seeds if frac < 1.0 else seeds[:1]
-        banks = [label_subset(labels["train"], frac, s) for s in run_seeds]
+        banks = [idx for _, idx in subsets][: len(subsets) if frac < 1.0 else 1]
         row["n_train"] = len(banks[0])
         for prefix, (fx, side_how) in sides.items():
             res = [_score(fx, labels, b, ks, T, C, device, side_how) for b in banks]
-            correct = [r["correct"] for r in res] * (len(seeds) // len(res))
+            correct = [r["correct"] for r in res] * (len(subsets) // len(res))
             row.update(summarise(correct, prefix=prefix))
-            row[f"{prefix}chosen_k"] = [r["k"] for r in res] * (len(seeds) // len(res))
+            row[f"{prefix}chosen_k"] = [r["k"] for r in res] * (len(subsets) // len(res))
             if prefix == "" and len(ks) > 1:
                 row["val_curve"] = {str(k): sum(r["curve"][k] for r in res) / len(res) for k in ks}
         rows.append(row)
 
     top = rows[-1]
-    result: dict[str, Any] = {
-        **header("knn", enc, encoder_path, source, init_source),
-        **{k: v for k, v in top.items() if k.startswith(("accuracy", "random_init_accuracy",
-                                                          "features_baseline_accuracy"))},
-        "label_fractions": rows, "seeds": len(seeds),
-        "n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
-        "num_classes": C, "skipped_samples": dict(bad),
-        "k": ks if isinstance(k_cfg, (list, tuple)) else ks[0], "T": T, "layer": layer, "pool": pool,
-        "preprocess": how,
-        "features_baseline": _baseline_name(enc),
-    }
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    path = write_result(out, "knn", result, plot_knn)
-    ci = result["accuracy_ci95"]
-    print(f"k-NN ({enc.adapter.name}, k={top['chosen_k'][0]}, T={T}, {key}): trained {result['accuracy']:.3f} "
-          f"[{ci[0]:.3f}, {ci[1]:.3f}] | random init {result['random_init_accuracy']:.3f} | classical features "
-          f"{result['features_baseline_accuracy']:.3f} | {result['n_test']} test items, {C} classes "
-          f"-> {path}", file=sys.stdout, flush=True)
+    result = ev.result(
+        rows, tuple(sides),
+        n_train=len(labels["train"]), n_val=len(labels["val"]), n_test=len(labels["test"]),
+        num_classes=C, skipped_samples=dict(bad),
+        k=ks if isinstance(k_cfg, (list, tuple)) else ks[0], T=T, layer=layer, pool=pool, preprocess=how,
+        features_baseline=baseline_name(enc),
+    )
+    path = ev.write(out, result, plot_knn)
+    ev.print_summary(f"k-NN ({enc.adapter.name}, k={top['chosen_k'][0]}, T={T}, {key})", result, path)
     return result
-
-
-def _baseline_name(enc: Any) -> str:
-    doc = type(enc.adapter).baseline_features.__doc__
-    return doc.strip().splitlines()[0] if doc else "baseline_features"
 
 
 def plot_knn(r: dict[str, Any], path: Path) -> None:
     """Bars per label fraction (trained, random init, classical features) with 95% interval whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sides = [("", "trained", "tab:blue"), ("random_init_", "random init", "tab:gray"),
-             ("features_baseline_", "classical features", "tab:orange")]
-    rows = r["label_fractions"]
-    width = 0.8 / len(sides)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(rows), 3.4))
-    for j, (prefix, name, colour) in enumerate(sides):
-        xs = [i + (j - 1) * width for i in range(len(rows))]
-        vals = [row[f"{prefix}accuracy"] for row in rows]
-        lo = [v - row[f"{prefix}accuracy_ci95"][0] for v, row in zip(vals, rows)]
-        hi = [row[f"{prefix}accuracy_ci95"][1] - v for v, row in zip(vals, rows)]
-        ax.bar(xs, vals, width, yerr=[[max(x, 0.0) for x in lo], [max(x, 0.0) for x in hi]], capsize=3,
-               color=colour, label=name)
-        for x, v in zip(xs, vals):
-            ax.text(x, v + 0.03, f"{v:.2f}", ha="center", fontsize=7)
-    ax.axhline(1.0 / max(r["num_classes"], 1), color="k", lw=0.8, ls="--", label="chance")
-    ax.set_xticks(range(len(rows)), [f"{row['label_fraction']:g}\n({row['n_train']} labels)" for row in rows])
-    ax.set_xlabel("label fraction of the bank")
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("test accuracy")
-    k = f"k on val from {r['k']}" if isinstance(r["k"], list) else f"k={r['k']}"
-    ax.set_title(f"k-NN ({k}, T={r['T']:g}), {r['modality']}, layer {r['layer']}, {r['pool']} pool", fontsize=9)
-    ax.legend(loc="upper left", fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(1.6 + 1.6 * len(r["label_fractions"]), 3.4)) as ax:
+        fraction_bars(ax, r, ("", RANDOM_INIT, "features_baseline_"), digits=2)
+        ax.set_ylabel("test accuracy")
+        k = f"k on val from {r['k']}" if isinstance(r["k"], list) else f"k={r['k']}"
+        ax.set_title(f"k-NN ({k}, T={r['T']:g}), {r['modality']}, layer {r['layer']}, {r['pool']} pool", fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, ncol=2)

@@ -43,9 +43,7 @@ seeds, at the largest label fraction), ``layer_weights_per_seed``, ``per_layer_a
 ``label_fractions`` also carries its ``layer_weights`` and ``per_layer_accuracy`` (both encoders)."""
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,14 +53,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmssl.atomic import write_text
 from mmssl.data.loader import DataSource
 from mmssl.encoder import Encoder
-from mmssl.eval.feature_cache import FeatureSet, cache_root_for, encoder_features, feature_key
-from mmssl.eval.features import init_encoder, input_size
-from mmssl.eval.results import header
-from mmssl.eval.stats import fractions_and_seeds, label_subset, summarise
-from mmssl.export import load_encoder
+from mmssl.eval.feature_cache import FeatureSet, encoder_features, feature_key
+from mmssl.eval.features import input_size
+from mmssl.eval.protocol import RANDOM_INIT, EncoderEval, figure, top_fraction
+from mmssl.eval.stats import summarise
 
 
 @dataclass
@@ -277,125 +273,98 @@ def run_layer_probe(encoder_path: str | Path, out: str | Path, source: DataSourc
                     device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
     """Layer-weighted probe of an encoder and of its step-0 baseline; writes ``out/layer_probe.json``
     and ``out/layer_probe.png`` and returns the result (schema in the module doc)."""
-    t0 = time.perf_counter()
-    enc = load_encoder(encoder_path, device=device)
-    init, init_source = init_encoder(Path(encoder_path), enc)
-    init = init.to(device)
-    splits = [ecfg.get("split_train", "train"), ecfg.get("split_val", "val"), ecfg.get("split_test", "test")]
-    cache_root = cache_root_for(cache_dir, bool(ecfg.get("cache_features", True)))
+    ev = EncoderEval("layer_probe", encoder_path, source, ecfg, device)
+    cfg = ev.ecfg
+    splits = [cfg["split_train"], cfg["split_val"], cfg["split_test"]]
+    cache_root = ev.cache_root(cache_dir)
     bad: dict[str, int] = {}
-    feats = {"trained": _layer_features(enc, source, splits, device, batch_size, cache_root, bad),
-             "random": _layer_features(init, source, splits, device, batch_size, cache_root, {})}
-    (xtr, ytr), (_, yva), (_, yte) = feats["trained"]
+    feats = {prefix: _layer_features(e, source, splits, device, batch_size, cache_root, bad if prefix == "" else {})
+             for prefix, e in ev.twins.items()}
+    (xtr, ytr), (_, yva), (_, yte) = feats[""]
     num_classes = _check_labels([ytr, yva, yte], source)
     # the baseline must read the same items in the same order (same codec, same input size)
-    if not all(torch.equal(y, y2) for (_, y), (_, y2) in zip(feats["trained"], feats["random"])):
+    if not all(torch.equal(y, y2) for (_, y), (_, y2) in zip(feats[""], feats[RANDOM_INIT])):
         raise ValueError("the trained and random-init encoders saw different items")
 
     layers, final_is_last = layers_to_probe(xtr)
     L = len(layers)
     names = [f"block{i}" if i >= 0 else "final" for i in layers]
-    keep = torch.arange(len(ytr))
-    if ecfg.get("max_train"):  # a seeded random subset: extraction order follows length
-        keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[: int(ecfg["max_train"])]
+    keep = ev.train_pool(len(ytr))
     ytr = ytr[keep]
 
-    fractions, seeds = fractions_and_seeds(ecfg)
-    lrs = [float(v) for v in ecfg.get("lrs", [1e-2, 3e-2, 1e-1])]
-    probe = {"lrs": lrs, "epochs": int(ecfg.get("epochs", 60)), "weight_decay": float(ecfg.get("weight_decay", 0.0)),
-             "batch_size": ecfg.get("probe_batch_size", 256), "normalize": bool(ecfg.get("normalize", True)),
-             "schedule": str(ecfg.get("schedule", "cosine")), "device": device}
+    lrs = [float(v) for v in cfg["lrs"]]
+    probe = {"lrs": lrs, "epochs": int(cfg["epochs"]), "weight_decay": float(cfg["weight_decay"]),
+             "batch_size": cfg["probe_batch_size"], "normalize": bool(cfg["normalize"]),
+             "schedule": str(cfg["schedule"]), "device": device}
     fits: dict[tuple[str, float], list[LayerProbeFit]] = {}
     rows = []
-    for frac in fractions:
-        n_sub = 0
-        for name in ("trained", "random"):
-            (tr, _), (va, _), (te, _) = feats[name]
+    for frac, subsets in ev.subsets(ytr):
+        row: dict[str, Any] = {"label_fraction": frac, "n_train": len(subsets[-1][1])}
+        for prefix, ((tr, _), (va, _), (te, _)) in feats.items():
             tr, va, te = tr[:L, keep], va[:L], te[:L]
-            fits[name, frac] = []
-            for s in seeds:
-                idx = label_subset(ytr, frac, s)
-                n_sub = len(idx)
-                fits[name, frac].append(fit_layer_probe(tr[:, idx], ytr[idx], va, yva, te, yte, num_classes,
-                                                        seed=s, **probe))
-        tf, rf = fits["trained", frac], fits["random", frac]
-        rows.append({"label_fraction": frac, "n_train": n_sub,
-                     **summarise([f.test_correct for f in tf]),
-                     **summarise([f.test_correct for f in rf], prefix="random_init_"),
-                     "layer_weights": _mean([f.weights.tolist() for f in tf]),
-                     "random_init_layer_weights": _mean([f.weights.tolist() for f in rf]),
-                     "per_layer_accuracy": _mean([f.layer_test_correct.float().mean(1).tolist() for f in tf]),
-                     "random_init_per_layer_accuracy": _mean([f.layer_test_correct.float().mean(1).tolist()
-                                                              for f in rf])})
-    top = max(rows, key=lambda r: r["label_fraction"])
-    tf, rf = fits["trained", top["label_fraction"]], fits["random", top["label_fraction"]]
+            fs = fits[prefix, frac] = [fit_layer_probe(tr[:, idx], ytr[idx], va, yva, te, yte, num_classes, seed=s,
+                                                       **probe) for s, idx in subsets]
+            row.update(summarise([f.test_correct for f in fs], prefix=prefix))
+        for prefix in feats:
+            row[f"{prefix}layer_weights"] = _mean([f.weights.tolist() for f in fits[prefix, frac]])
+        for prefix in feats:
+            row[f"{prefix}per_layer_accuracy"] = _mean([f.layer_test_correct.float().mean(1).tolist()
+                                                        for f in fits[prefix, frac]])
+        rows.append(row)
+    top = top_fraction(rows)
+    tf, rf = fits["", top["label_fraction"]], fits[RANDOM_INIT, top["label_fraction"]]
     layer_val = _mean([f.layer_val_accuracy for f in tf])
     best = max(range(L), key=lambda i: layer_val[i])
 
     def selected(fs: list[LayerProbeFit]) -> dict[str, list[float]]:
         return {"lr": [f.lr for f in fs], "epoch": [f.epoch for f in fs], "val_accuracy": [f.val_accuracy for f in fs]}
 
-    result: dict[str, Any] = {
-        **header("layer_probe", enc, encoder_path, source, init_source),
-        **{k: v for k, v in top.items() if k.startswith(("accuracy", "random_init_accuracy"))},
-        "label_fractions": rows,
-        "seeds": len(seeds),
-        "n_train": len(ytr), "n_val": len(yva), "n_test": len(yte),
-        "num_classes": num_classes,
-        "skipped_samples": bad,
-        "layers": layers, "layer_names": names, "final_is_last_block": final_is_last,
-        "layer_weights": top["layer_weights"], "random_init_layer_weights": top["random_init_layer_weights"],
-        "layer_weights_per_seed": [f.weights.tolist() for f in tf],
-        "per_layer_accuracy": top["per_layer_accuracy"],
-        "random_init_per_layer_accuracy": top["random_init_per_layer_accuracy"],
-        "per_layer_val_accuracy": layer_val,
-        "best_single_layer": {"layer": names[best], "val_accuracy": layer_val[best],
-                              "accuracy": top["per_layer_accuracy"][best]},
-        "selected": selected(tf), "random_init_selected": selected(rf),
-        "pool": "mean", "normalize": probe["normalize"], "epochs": probe["epochs"], "lrs": lrs,
-        "weight_decay": probe["weight_decay"], "probe_batch_size": probe["batch_size"],
-        "schedule": probe["schedule"],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "layer_probe.json", json.dumps(result, indent=2))
-    plot_layer_probe(result, out / "layer_probe.png")
+    result = ev.result(
+        rows,
+        n_train=len(ytr), n_val=len(yva), n_test=len(yte),
+        num_classes=num_classes,
+        skipped_samples=bad,
+        layers=layers, layer_names=names, final_is_last_block=final_is_last,
+        layer_weights=top["layer_weights"], random_init_layer_weights=top["random_init_layer_weights"],
+        layer_weights_per_seed=[f.weights.tolist() for f in tf],
+        per_layer_accuracy=top["per_layer_accuracy"],
+        random_init_per_layer_accuracy=top["random_init_per_layer_accuracy"],
+        per_layer_val_accuracy=layer_val,
+        best_single_layer={"layer": names[best], "val_accuracy": layer_val[best],
+                           "accuracy": top["per_layer_accuracy"][best]},
+        selected=selected(tf), random_init_selected=selected(rf),
+        pool="mean", normalize=probe["normalize"], epochs=probe["epochs"], lrs=lrs,
+        weight_decay=probe["weight_decay"], probe_batch_size=probe["batch_size"],
+        schedule=probe["schedule"],
+    )
+    path = ev.write(out, result, plot_layer_probe)
     w = " ".join(f"{n}={v:.2f}" for n, v in zip(names, result["layer_weights"]))
-    print(f"layer probe ({enc.adapter.name}, {L} layers): trained {result['accuracy']:.3f} | random init "
+    print(f"layer probe ({ev.encoder.adapter.name}, {L} layers): trained {result['accuracy']:.3f} | random init "
           f"{result['random_init_accuracy']:.3f} | weights {w} | best single layer {names[best]} "
-          f"{result['best_single_layer']['accuracy']:.3f} -> {out / 'layer_probe.json'}", flush=True)
+          f"{result['best_single_layer']['accuracy']:.3f} -> {path}", flush=True)
     return result
 
 
 def plot_layer_probe(r: dict[str, Any], path: Path) -> None:
     """Learned layer weights (bars, trained vs random init) and each layer's probe accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, x = r["layer_names"], torch.arange(len(r["layer_names"])).tolist()
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4))
-    wdt = 0.4
-    ax0.bar([i - wdt / 2 for i in x], r["layer_weights"], wdt, color="tab:blue", label="trained")
-    ax0.bar([i + wdt / 2 for i in x], r["random_init_layer_weights"], wdt, color="tab:gray", label="random init")
-    ax0.axhline(1.0 / len(names), color="k", lw=0.8, ls=":", label="uniform")
-    ax0.set_xticks(x, names)
-    ax0.set_ylabel("softmax layer weight")
-    ax0.set_title("learned layer weights")
-    ax0.legend(fontsize=8)
-    ax1.plot(x, r["per_layer_accuracy"], "o-", color="tab:blue", label="trained, single layer")
-    ax1.plot(x, r["random_init_per_layer_accuracy"], "o--", color="tab:gray", label="random init, single layer")
-    ax1.axhline(r["accuracy"], color="tab:blue", lw=1, ls="-.", label=f"trained, weighted {r['accuracy']:.3f}")
-    ax1.axhline(r["random_init_accuracy"], color="tab:gray", lw=1, ls="-.",
-                label=f"random init, weighted {r['random_init_accuracy']:.3f}")
-    ax1.axhline(1.0 / max(r["num_classes"], 1), color="k", lw=0.8, ls=":", label="chance")
-    ax1.set_xticks(x, names)
-    ax1.set_ylim(0, 1.05)
-    ax1.set_ylabel("test accuracy")
-    ax1.set_title(f"probe accuracy per layer ({r['modality']})")
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    names, x = r["layer_names"], list(range(len(r["layer_names"])))
+    with figure(path, ncols=2, figsize=(9, 3.4)) as (ax0, ax1):
+        wdt = 0.4
+        ax0.bar([i - wdt / 2 for i in x], r["layer_weights"], wdt, color="tab:blue", label="trained")
+        ax0.bar([i + wdt / 2 for i in x], r["random_init_layer_weights"], wdt, color="tab:gray", label="random init")
+        ax0.axhline(1.0 / len(names), color="k", lw=0.8, ls=":", label="uniform")
+        ax0.set_xticks(x, names)
+        ax0.set_ylabel("softmax layer weight")
+        ax0.set_title("learned layer weights")
+        ax0.legend(fontsize=8)
+        ax1.plot(x, r["per_layer_accuracy"], "o-", color="tab:blue", label="trained, single layer")
+        ax1.plot(x, r["random_init_per_layer_accuracy"], "o--", color="tab:gray", label="random init, single layer")
+        ax1.axhline(r["accuracy"], color="tab:blue", lw=1, ls="-.", label=f"trained, weighted {r['accuracy']:.3f}")
+        ax1.axhline(r["random_init_accuracy"], color="tab:gray", lw=1, ls="-.",
+                    label=f"random init, weighted {r['random_init_accuracy']:.3f}")
+        ax1.axhline(1.0 / max(r["num_classes"], 1), color="k", lw=0.8, ls=":", label="chance")
+        ax1.set_xticks(x, names)
+        ax1.set_ylim(0, 1.05)
+        ax1.set_ylabel("test accuracy")
+        ax1.set_title(f"probe accuracy per layer ({r['modality']})")
+        ax1.legend(fontsize=7)

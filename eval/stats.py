@@ -65,14 +65,15 @@ def summarise(correct_per_seed: Sequence[torch.Tensor], prefix: str = "", name: 
 
 
 def fractions_and_seeds(ecfg: dict[str, Any]) -> tuple[list[float], list[int]]:
-    """``eval.label_fraction`` (a number or a list) and ``eval.seeds`` (how many) -> lists."""
-    fr = ecfg.get("label_fraction", 1.0)
+    """``eval.label_fraction`` (a number or a list), ``eval.seeds`` (how many) and ``eval.seed`` (the
+    first) -> (fractions, seeds)."""
+    n = int(ecfg["seeds"])
+    if n < 1:
+        raise ValueError(f"eval.seeds must be at least 1, got {n}")
+    fr = ecfg["label_fraction"]
     fractions = [float(f) for f in (fr if isinstance(fr, (list, tuple)) else [fr])]
     for f in fractions:
         if not 0.0 < f <= 1.0:
             raise ValueError(f"eval.label_fraction values must lie in (0, 1], got {f}")
-    n = int(ecfg.get("seeds", 1))
-    if n < 1:
-        raise ValueError(f"eval.seeds must be at least 1, got {n}")
-    first = int(ecfg.get("seed", 0))
+    first = int(ecfg["seed"])
     return fractions, list(range(first, first + n))
