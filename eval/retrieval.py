@@ -26,7 +26,6 @@ multiplicities, bootstrap intervals of R@1) and ``out/retrieval.png``."""
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,13 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.loader import DataSource, iter_split
-from mmssl.eval.results import pair_init_label, write_result
+from mmssl.eval.protocol import RANDOM_INIT, TEXT_KIND, PairEval, figure
 from mmssl.eval.stats import bootstrap_ci
 
 # Queries per chunk are chosen so the [chunk, n] similarity matrix stays near this many elements
 # (64 MiB of float32): n = 10k galleries take ~1,700 queries at a time.
 _SIM_ELEMENTS = 1 << 24
-TEXT = "text"
 
 
 def caption_keys(ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -178,19 +176,12 @@ def retrieval_metrics(a: torch.Tensor, b: torch.Tensor, keys: torch.Tensor, ks: 
 
 
 # -- the evaluator --------------------------------------------------------------------------------------
-def _load_pair(path: str | Path, which: str, device: torch.device) -> Any:
-    """The lead's loader, imported late (tests replace this function with a fake pair)."""
-    from mmssl.export import load_pair
-
-    return load_pair(path, which=which, device=device)
-
-
 @torch.no_grad()
 def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_size: int, device: torch.device,
-                max_len: dict[str, int | None], bad: Counter) -> dict[str, Any]:
+                max_len: dict[str, int | None], bad: Counter, text: str | None = None) -> dict[str, Any]:
     """One pass over a split, every pair embedding both of its modalities ->
-    ``{"emb": {pair name: {m: [n, E] float32 cpu}}, "sample_id": [n], "text": [n, L], "text_len": [n]}``
-    (text ids only where the batches hold text; padded to the longest caption)."""
+    ``{"emb": {pair name: {m: [n, E] float32 cpu}}, "sample_id": [n], "caption": [n, L], "caption_len": [n]}``
+    (the token ids of modality ``text``, the text tower, where given; padded to the longest caption)."""
     emb: dict[str, dict[str, list[torch.Tensor]]] = {p: {} for p in pairs}
     ids: list[torch.Tensor] = []
     fids: list[torch.Tensor] = []
@@ -203,8 +194,8 @@ def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_siz
         ids.append(batch["sample_id"])
         if "file_id" in batch:
             fids.append(batch["file_id"])
-        if TEXT in batch:
-            texts += [row[:int(n)] for row, n in zip(batch[TEXT], batch[f"{TEXT}_len"])]
+        if text is not None and text in batch:
+            texts += [row[:int(n)] for row, n in zip(batch[text], batch[f"{text}_len"])]
     if not ids:
         raise ValueError(f"split {split!r} of {source.root} has no usable samples")
     out: dict[str, Any] = {"emb": {p: {m: torch.cat(v) for m, v in e.items()} for p, e in emb.items()},
@@ -216,36 +207,36 @@ def embed_split(pairs: dict[str, Any], source: DataSource, split: str, batch_siz
         padded = torch.zeros(len(texts), int(lens.max()), dtype=torch.long)
         for i, t in enumerate(texts):
             padded[i, :t.numel()] = t
-        out[TEXT], out[f"{TEXT}_len"] = padded, lens
+        out["caption"], out["caption_len"] = padded, lens
     return out
 
 
 def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: dict[str, Any],
                   device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Retrieval between the two towers of the contrastive run ``path`` on split ``cfg["split"]``
-    (default test) of ``source`` (a DataSource holding both modalities) -> the result dict, also written
-    to ``out/retrieval.json`` and plotted in ``out/retrieval.png``. ``cfg``: split, ks (default
-    [1, 5, 10]), bootstrap (resamples for the R@1 intervals; 0: none). ``cache_dir`` is unused: the
-    embeddings are not cached (one pass over one split)."""
-    t0 = time.perf_counter()
-    pair = _load_pair(path, "encoders", device)
-    init = _load_pair(path, "encoders_init", device)
+    """Retrieval between the two towers of the contrastive run ``path`` on split ``cfg["split"]`` of
+    ``source`` (a DataSource holding both modalities) -> the result dict, also written to
+    ``out/retrieval.json`` and plotted in ``out/retrieval.png``. ``cfg``: split, ks, bootstrap
+    (resamples for the R@1 intervals; 0: none), defaults in configs/eval/retrieval.yaml. ``cache_dir`` is
+    unused: the embeddings are not cached (one pass over one split)."""
+    ev = PairEval("retrieval", path, source, cfg, device)
+    pair = ev.pair
     a, b = pair.modalities
     missing = [m for m in (a, b) if m not in source.modalities]
     if missing:
         raise ValueError(f"retrieval of {a}+{b} needs a data set with both; {source.root} is read as "
                          f"{'+'.join(source.modalities)}")
-    split = str(cfg.get("split") or "test")
-    ks = sorted({int(k) for k in (cfg.get("ks") or (1, 5, 10))})
+    split = str(ev.ecfg["split"])
+    ks = sorted({int(k) for k in ev.ecfg["ks"]})
     if ks[0] < 1:
         raise ValueError(f"eval.ks must be at least 1, got {ks}")
-    n_boot = int(cfg.get("bootstrap", 1000) or 0)
+    n_boot = int(ev.ecfg["bootstrap"] or 0)
+    text = next(iter(ev.towers(TEXT_KIND)), None)  # captions key the hits
 
     bad: Counter = Counter()
-    data = embed_split({"": pair, "random_init_": init}, source, split, batch_size, device,
-                       {m: pair.input_size(m) for m in pair.modalities}, bad)
-    if TEXT in (a, b):
-        keys, key_kind = caption_keys(data[TEXT], data[f"{TEXT}_len"]), "caption"
+    data = embed_split(ev.twins, source, split, batch_size, device, {m: pair.input_size(m) for m in pair.modalities},
+                       bad, text)
+    if text is not None:
+        keys, key_kind = caption_keys(data["caption"], data["caption_len"]), "caption"
     else:
         keys, key_kind = data["sample_id"], "sample_id"
     # items packed from one file with several captions (COCO-style rows) are one image, not several
@@ -253,8 +244,7 @@ def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: di
     rel = Relevance.of(keys, groups)
 
     result: dict[str, Any] = {
-        "evaluator": "retrieval", "modality": f"{a}+{b}", "modalities": [a, b], "encoder": str(path),
-        "data": str(source.root), "random_init_source": pair_init_label(init), "split": split, "ks": ks,
+        **ev.header(f"{a}+{b}"), "split": split, "ks": ks,
         "key": key_kind,
         "key_note": ("a hit is any gallery item whose caption (token ids as the text tower reads them) equals "
                      "the query's" if key_kind == "caption" else
@@ -276,9 +266,8 @@ def run_retrieval(path: str | Path, out: str | Path, source: DataSource, cfg: di
     result["chance_R@1"] = result["i2t_chance_R@1"]
     result.update({"n_items": int(keys.numel()), "n_captions": int(keys.unique().numel()),
                    "n_groups": int(rel.group_first.numel()),
-                   "skipped_samples": dict(bad), "logit_scale": _float_or_none(getattr(pair, "logit_scale", None)),
-                   "seconds": round(time.perf_counter() - t0, 2)})
-    where = write_result(out, "retrieval", result, plot_retrieval)
+                   "skipped_samples": dict(bad), "logit_scale": _float_or_none(getattr(pair, "logit_scale", None))})
+    where = ev.write(out, result, plot_retrieval)
     print(f"retrieval ({a}->{b} / {b}->{a}, {result['n_items']} items, {result['n_captions']} distinct "
           f"{key_kind}s): i2t R@1 {result['i2t_R@1']:.3f} | t2i R@1 {result['t2i_R@1']:.3f} | random init "
           f"{result['random_init_i2t_R@1']:.3f} / {result['random_init_t2i_R@1']:.3f} | chance "
@@ -295,30 +284,24 @@ def _float_or_none(v: Any) -> float | None:
 
 def plot_retrieval(r: dict[str, Any], path: Path) -> None:
     """Grouped bars: R@K of both directions, trained against random init, chance as ticks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = r["ks"]
     groups = [(d, k) for d in ("i2t", "t2i") for k in ks]
     width = 0.38
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(groups), 3.4))
-    for j, (prefix, name, colour) in enumerate([("", "trained", "tab:blue"), ("random_init_", "random init", "tab:gray")]):
-        xs = [i + (j - 0.5) * width for i in range(len(groups))]
-        vals = [r[f"{prefix}{d}_R@{k}"] for d, k in groups]
-        ax.bar(xs, vals, width, color=colour, label=name)
-        for x, v in zip(xs, vals):
-            ax.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
-    for i, (_, k) in enumerate(groups):
-        ax.hlines(r.get(f"{groups[i][0]}_chance_R@{k}", r.get(f"chance_R@{k}", 0.0)), i - 0.45, i + 0.45, colors="k", lw=0.8, ls="--",
-                  label="chance" if i == 0 else None)
-    a, b = r["modalities"]
-    ax.set_xticks(range(len(groups)), [f"{a}→{b}\nR@{k}" if d == "i2t" else f"{b}→{a}\nR@{k}" for d, k in groups])
-    ax.set_ylim(0, 1.25)  # room for the legend above the bars
-    ax.set_ylabel("recall")
-    ax.set_title(f"retrieval, {r['n_items']} items, {r['n_captions']} distinct {r['key']}s ({r['split']})", fontsize=9)
-    ax.legend(loc="upper left", fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(1.2 + 0.9 * len(groups), 3.4)) as ax:
+        for j, (prefix, name, colour) in enumerate([("", "trained", "tab:blue"),
+                                                    (RANDOM_INIT, "random init", "tab:gray")]):
+            xs = [i + (j - 0.5) * width for i in range(len(groups))]
+            vals = [r[f"{prefix}{d}_R@{k}"] for d, k in groups]
+            ax.bar(xs, vals, width, color=colour, label=name)
+            for x, v in zip(xs, vals):
+                ax.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+        for i, (d, k) in enumerate(groups):
+            ax.hlines(r.get(f"{d}_chance_R@{k}", r.get(f"chance_R@{k}", 0.0)), i - 0.45, i + 0.45, colors="k",
+                      lw=0.8, ls="--", label="chance" if i == 0 else None)
+        a, b = r["modalities"]
+        ax.set_xticks(range(len(groups)), [f"{a}→{b}\nR@{k}" if d == "i2t" else f"{b}→{a}\nR@{k}" for d, k in groups])
+        ax.set_ylim(0, 1.25)  # room for the legend above the bars
+        ax.set_ylabel("recall")
+        ax.set_title(f"retrieval, {r['n_items']} items, {r['n_captions']} distinct {r['key']}s ({r['split']})",
+                     fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, ncol=3)

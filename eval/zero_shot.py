@@ -13,7 +13,6 @@ accuracies and the confusion matrix, and ``out/zero_shot.png``. Class names come
 from __future__ import annotations
 
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.loader import DataSource, iter_split
-from mmssl.eval.results import pair_init_label, write_result
+from mmssl.eval.protocol import RANDOM_INIT, TEXT_KIND, PairEval, figure
 from mmssl.eval.stats import summarise
+from mmssl.registry import MODALITIES
+from mmssl.types import Batch
 
-TEXT = "text"
 PLACEHOLDER = "{}"
 
 
@@ -41,20 +41,28 @@ def fill_templates(classes: Sequence[str], templates: Sequence[str]) -> list[lis
     return [[t.replace(PLACEHOLDER, c) for t in templates] for c in classes]
 
 
+def tokenise(modality: str, texts: Sequence[str], max_len: int | None) -> Batch:
+    """Raw strings -> one batch of ``modality`` (a text tower's), as its data pipeline makes batches: the
+    adapter's codec stores each string as a shard sample would hold it (``encode``), reads it back
+    (``decode``: the tokenizer) and collates, cutting to ``max_len``. The codec has no call from a raw
+    string to a decoded item, hence the round trip through the stored form."""
+    codec = MODALITIES.get(modality).codec
+    field = codec.modality  # the item's field, and the batch keys' stem
+    batch = codec.collate([codec.decode(codec.encode({field: s})) for s in texts], max_len, None)
+    return {k.replace(field, modality, 1): v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def class_text_embeddings(pair: Any, text_modality: str, classes: Sequence[str], templates: Sequence[str],
                           device: torch.device | str, batch_size: int = 256) -> torch.Tensor:
     """The zero-shot classifier: -> [C, E] float32 on ``device``, row c = normalise(mean over templates t
-    of normalise(embed(template_t filled with class_c))). Texts are tokenised as the text codec does
-    (``encode_text``) and cut to the text tower's context (``pair.input_size``)."""
-    from mmssl.modalities.text.data import TextCodec, encode_text
-
+    of normalise(embed(template_t filled with class_c))). Texts are tokenised as the text tower's codec
+    does (``tokenise``) and cut to its context (``pair.input_size``)."""
     texts = [s for row in fill_templates(classes, templates) for s in row]  # class-major: [C * T]
-    codec, max_len = TextCodec(), pair.input_size(text_modality)
+    max_len = pair.input_size(text_modality)
     embs = []
     for i in range(0, len(texts), batch_size):
-        batch = codec.collate([{TEXT: encode_text(s)} for s in texts[i:i + batch_size]], max_len, None)
-        batch = {k.replace(TEXT, text_modality, 1): v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in tokenise(text_modality, texts[i:i + batch_size], max_len).items()}
         embs.append(F.normalize(pair.embed(text_modality, batch).float(), dim=1))
     per_prompt = torch.cat(embs).reshape(len(classes), len(templates), -1)  # [C, T, E]
     return F.normalize(per_prompt.mean(1), dim=1)
@@ -86,15 +94,8 @@ def confusion(pred: torch.Tensor, labels: torch.Tensor, C: int) -> list[list[int
 
 
 # -- the evaluator --------------------------------------------------------------------------------------
-def _load_pair(path: str | Path, which: str, device: torch.device) -> Any:
-    """The lead's loader, imported late (tests replace this function with a fake pair)."""
-    from mmssl.export import load_pair
-
-    return load_pair(path, which=which, device=device)
-
-
 def _prompts(source: DataSource, cfg: dict[str, Any]) -> list[str]:
-    p = cfg.get("prompts") or source.meta.get("prompts")
+    p = cfg["prompts"] or source.meta.get("prompts")
     if not p:
         raise ValueError(f"zero-shot needs prompt templates: {source.root}/meta.json has no 'prompts'; "
                          f"give eval.prompts=['a photo of a {{}}.']")
@@ -124,35 +125,34 @@ def _embed_items(pairs: dict[str, Any], modality: str, source: DataSource, split
 
 def run_zero_shot(path: str | Path, out: str | Path, source: DataSource, cfg: dict[str, Any],
                   device: torch.device, batch_size: int = 32, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Zero-shot classification of split ``cfg["split"]`` (default test) of ``source`` by the contrastive
-    run ``path`` (see module doc) -> the result dict, also written to ``out/zero_shot.json`` and plotted
-    in ``out/zero_shot.png``. ``cfg``: split, prompts (null: the data set's). ``cache_dir`` is unused."""
-    t0 = time.perf_counter()
-    pair = _load_pair(path, "encoders", device)
-    if pair.modalities.count(TEXT) != 1:
+    """Zero-shot classification of split ``cfg["split"]`` of ``source`` by the contrastive run ``path``
+    (see module doc) -> the result dict, also written to ``out/zero_shot.json`` and plotted in
+    ``out/zero_shot.png``. ``cfg``: split, prompts (null: the data set's), defaults in
+    configs/eval/zero_shot.yaml. ``cache_dir`` is unused."""
+    ev = PairEval("zero_shot", path, source, cfg, device)
+    pair = ev.pair
+    texts = ev.towers(TEXT_KIND)
+    if len(texts) != 1:
         raise ValueError(f"zero-shot classifies through a text tower; the pair in {path} is "
                          f"{'+'.join(pair.modalities)}")
-    other = next(m for m in pair.modalities if m != TEXT)
+    text = texts[0]
+    other = next(m for m in pair.modalities if m != text)
     classes = [str(c) for c in (source.meta.get("classes") or [])]
     if not classes:
         raise ValueError(f"zero-shot needs class names: {source.root}/meta.json has no 'classes'")
-    prompts = _prompts(source, cfg)
+    prompts = _prompts(source, ev.ecfg)
     fill_templates(classes, prompts)  # refuse bad templates before reading any data
-    split = str(cfg.get("split") or "test")
-    init = _load_pair(path, "encoders_init", device)
+    split = str(ev.ecfg["split"])
 
     bad: Counter = Counter()
-    items, labels = _embed_items({"": pair, "random_init_": init}, other, source, split, batch_size, device, bad)
+    items, labels = _embed_items(ev.twins, other, source, split, batch_size, device, bad)
     C = len(classes)
     if int(labels.min()) < 0 or int(labels.max()) >= C:
         raise ValueError(f"labels of split {split!r} lie outside the {C} classes of {source.root}/meta.json")
     counts = torch.bincount(labels, minlength=C)
-    result: dict[str, Any] = {
-        "evaluator": "zero_shot", "modality": other, "modalities": list(pair.modalities), "encoder": str(path),
-        "data": str(source.root), "random_init_source": pair_init_label(init), "split": split,
-    }
-    for prefix, p in (("", pair), ("random_init_", init)):
-        pred = zero_shot_predict(items[prefix], class_text_embeddings(p, TEXT, classes, prompts, device).cpu())
+    result: dict[str, Any] = {**ev.header(other), "split": split}
+    for prefix, p in ev.twins.items():
+        pred = zero_shot_predict(items[prefix], class_text_embeddings(p, text, classes, prompts, device).cpu())
         result.update(summarise([(pred == labels).float()], prefix=prefix))  # accuracy, _std, _ci95, _per_seed
         result[f"{prefix}per_class_accuracy"] = per_class_accuracy(pred, labels, classes)
         result[f"{prefix}confusion"] = confusion(pred, labels, C)
@@ -161,11 +161,11 @@ def run_zero_shot(path: str | Path, out: str | Path, source: DataSource, cfg: di
         # the stronger of the two trivial baselines: always guessing the most common class (= 1/C if balanced)
         "chance": float(counts.max()) / len(labels), "chance_uniform": 1.0 / C,
         "n_items": len(labels), "n_test": len(labels), "num_classes": C, "classes": classes, "prompts": prompts,
-        "skipped_samples": dict(bad), "seconds": round(time.perf_counter() - t0, 2),
+        "skipped_samples": dict(bad),
     })
-    where = write_result(out, "zero_shot", result, plot_zero_shot)
+    where = ev.write(out, result, plot_zero_shot)
     ci = result["accuracy_ci95"]
-    print(f"zero-shot ({other} by {TEXT}, {len(prompts)} prompts): trained {result['accuracy']:.3f} "
+    print(f"zero-shot ({other} by {text}, {len(prompts)} prompts): trained {result['accuracy']:.3f} "
           f"[{ci[0]:.3f}, {ci[1]:.3f}] | random init {result['random_init_accuracy']:.3f} | chance "
           f"{result['chance']:.3f} | {len(labels)} items, {C} classes -> {where}", file=sys.stdout, flush=True)
     return result
@@ -173,26 +173,21 @@ def run_zero_shot(path: str | Path, out: str | Path, source: DataSource, cfg: di
 
 def plot_zero_shot(r: dict[str, Any], path: Path) -> None:
     """Per-class accuracy bars, trained against random init; overall accuracies in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     classes = r["classes"]
+    text = next(m for m in r["modalities"] if m != r["modality"])
     width = 0.38
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.5 * len(classes)), 3.4))
-    for j, (prefix, name, colour) in enumerate([("", "trained", "tab:blue"), ("random_init_", "random init", "tab:gray")]):
-        xs = [i + (j - 0.5) * width for i in range(len(classes))]
-        vals = [r[f"{prefix}per_class_accuracy"][c] or 0.0 for c in classes]
-        ax.bar(xs, vals, width, color=colour, label=f"{name} ({r[f'{prefix}accuracy']:.2f})")
-    ax.axhline(r["chance"], color="k", lw=0.8, ls="--", label="chance")
-    ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center",
-                  fontsize=7)
-    ax.set_ylim(0, 1.25)  # room for the legend above the bars
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"zero-shot {r['modality']} by text, {r['n_items']} items ({r['split']}), "
-                 f"{len(r['prompts'])} prompts", fontsize=9)
-    ax.legend(loc="upper left", fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(max(4.8, 1.6 + 0.5 * len(classes)), 3.4)) as ax:
+        for j, (prefix, name, colour) in enumerate([("", "trained", "tab:blue"),
+                                                    (RANDOM_INIT, "random init", "tab:gray")]):
+            xs = [i + (j - 0.5) * width for i in range(len(classes))]
+            vals = [r[f"{prefix}per_class_accuracy"][c] or 0.0 for c in classes]
+            ax.bar(xs, vals, width, color=colour, label=f"{name} ({r[f'{prefix}accuracy']:.2f})")
+        ax.axhline(r["chance"], color="k", lw=0.8, ls="--", label="chance")
+        many = len(classes) > 6
+        ax.set_xticks(range(len(classes)), classes, rotation=45 if many else 0, ha="right" if many else "center",
+                      fontsize=7)
+        ax.set_ylim(0, 1.25)  # room for the legend above the bars
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"zero-shot {r['modality']} by {text}, {r['n_items']} items ({r['split']}), "
+                     f"{len(r['prompts'])} prompts", fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, ncol=3)

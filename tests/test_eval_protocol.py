@@ -1,6 +1,6 @@
 """The evaluation harness (eval/protocol.py): defaults read from the packaged yaml, the training pool and
 label fractions x seeds, the random-init twin (the run's step-0 weights, else a fresh init), the result
-schema and file, the pair's towers by kind."""
+schema and file, the pair's towers by kind; and zero-shot's prompts tokenised through the text codec."""
 from __future__ import annotations
 
 import json
@@ -165,3 +165,15 @@ def test_pair_towers_by_kind_and_a_lazy_twin(monkeypatch: pytest.MonkeyPatch) ->
     ev.pair.modalities = ["speech", "image"]
     assert ev.towers("audio") == ["speech"] and ev.towers("text") == []
 
+
+def test_prompts_are_tokenised_as_the_text_codec_decodes_samples() -> None:
+    from mmssl.eval.zero_shot import tokenise
+    from mmssl.modalities.text.data import TextCodec, encode_text
+
+    texts = ["a photo of a cat.", "a hot air balloon in the dark, blurry"]
+    got = tokenise("text", texts, 6)
+    want = TextCodec().collate([{"text": encode_text(s)} for s in texts], 6, None)
+    assert got.keys() == want.keys() == {"text", "text_len"}
+    assert torch.equal(got["text"], want["text"]) and got["text_len"].tolist() == [6, 6]
+    whole = tokenise("text", texts, None)["text"]
+    assert whole[0, 0] == encode_text(texts[0])[0] and torch.equal(whole[1], encode_text(texts[1]))

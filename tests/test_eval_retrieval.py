@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmssl.eval import retrieval, zero_shot
+from mmssl.eval import protocol, retrieval, zero_shot
 from mmssl.eval.retrieval import Relevance, caption_keys, direction_ranks, first_hit_ranks, retrieval_metrics
 from mmssl.eval.zero_shot import class_text_embeddings, confusion, per_class_accuracy, zero_shot_predict
 
@@ -229,8 +229,7 @@ class ColourPair(nn.Module):
 @pytest.fixture()
 def fake_pairs(monkeypatch: pytest.MonkeyPatch) -> dict[str, ColourPair]:
     made = {"encoders": ColourPair(), "encoders_init": ColourPair(constant=True)}
-    for mod in (retrieval, zero_shot):
-        monkeypatch.setattr(mod, "_load_pair", lambda path, which, device: made[which])
+    monkeypatch.setattr(protocol, "load_pair", lambda path, which, device: made[which])
     return made
 
 
@@ -297,9 +296,8 @@ def test_real_pair_runs_match_direct_embeddings(pairs_root: Path, tmp_path: Path
     from mmssl.config import compose, to_dict
     from mmssl.data.loader import DataSource, iter_split
     from mmssl.data.shards import load_meta
-    from mmssl.export import save_encoder, save_heads
+    from mmssl.export import load_pair, save_encoder, save_heads
     from mmssl.factory import build_encoder, build_objective, encoder_config
-    from mmssl.export import load_pair
 
     cfg = compose(["modality=[image,text]", "objective=clip"])
     mcfg = {m: to_dict(cfg.modality[m]) for m in ("image", "text")}
