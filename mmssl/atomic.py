@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mmssl import faults
+
 
 def make_tmp_dir(dst: Path) -> Path:
     """A temporary sibling of ``dst`` (same file system, so the final rename is atomic), made readable
@@ -24,6 +26,7 @@ def replace_dir(tmp: Path, dst: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(dst, old)
+        faults.point("ckpt_aside")  # the old folder aside, the new one not yet in place
     os.replace(tmp, dst)
     if old.exists():
         shutil.rmtree(old)

@@ -33,6 +33,11 @@ class MissingFileError(BadFileError, FileNotFoundError):
     """A file or folder that should be there is not."""
 
 
+class CheckpointWriteError(BadFileError, OSError):
+    """A checkpoint could not be written (a full disk, a lost mount): the run stops, the previous
+    checkpoint stays intact and the partial one is removed."""
+
+
 def _why(e: BaseException) -> str:
     """A short reason from a library's exception (its first line), for a BadFileError."""
     if isinstance(e, PermissionError):

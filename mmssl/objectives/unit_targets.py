@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from mmssl import faults
 from mmssl.atomic import make_tmp_dir, replace_dir
 from mmssl.errors import BadFileError, ConfigError, read_json_object, read_safetensors
 from mmssl.kmeans import StreamingKMeans, pnmi
@@ -114,6 +115,7 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
     tmp = make_tmp_dir(out_dir)
     try:
         rows, dim, ids, lens, phones = _dump_features(ctx, feature_fn, tmp / "features.f32", frame_labels_key)
+        faults.point("units_dumped")
         if rows == 0:
             raise ValueError("the train split produced no frames to cluster")
         mm = np.memmap(tmp / "features.f32", dtype=np.float32, mode="r", shape=(rows, dim))
@@ -125,6 +127,7 @@ def fit_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str
         km = StreamingKMeans(k, max_iter=max_iter, seed=seed, device=ctx.device).fit(chunks)
         flat = torch.cat([km.predict(c.to(km.centroids.device)).cpu() for c in chunks()]).to(torch.int16)
         (tmp / "features.f32").unlink()
+        faults.point("units_fitted")
         lengths = torch.tensor(lens, dtype=torch.long)
         offsets = torch.cumsum(lengths, 0) - lengths
         usage = km.cluster_usage(flat.long())

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mmssl import faults
 from mmssl.atomic import replace_dir
 from mmssl.errors import (
     BadFileError,
@@ -45,6 +46,7 @@ def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / f"rng_rank{rank}.safetensors"))
     (tmp / f"state_rank{rank}.json").write_text(json.dumps(state))
+    faults.point("ckpt_rank_state")
 
 
 def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -52,7 +54,9 @@ def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: 
     """Rank 0: add weights, optimizer and meta, then move the folder into place under each name."""
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "model.safetensors"))
+    faults.point("ckpt_weights")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    faults.point("ckpt_optimizer")
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     for i, name in enumerate(names):
         dst = ckpt_root / name
@@ -64,6 +68,14 @@ def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: 
             replace_dir(src, dst)
         else:
             replace_dir(tmp, dst)
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder holds (its trainer.json), or None if unreadable."""
+    try:
+        return int(json.loads((path / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def find(ckpt_root: Path, name: str = "last") -> Path | None:

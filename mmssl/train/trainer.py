@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -24,8 +25,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mmssl.config import ConfigError
+from mmssl import faults
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
+from mmssl.errors import CheckpointWriteError, ConfigError
 from mmssl.export import load_encoder, save_encoder, save_heads
 from mmssl.lora import LoRALinear, apply_lora, merge_lora
 from mmssl.objectives.base import Objective, PrepareContext
@@ -198,6 +200,7 @@ class Trainer:
             if done is None:  # skipped: a non-finite loss or gradient norm
                 continue
             self.log(done)
+            faults.point("step")
             self.evaluate()
             self.checkpoint()
         self.progress.close()
@@ -327,17 +330,32 @@ class Trainer:
         self.last_save = time.monotonic()
         tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{pos.step}")
         barrier(self.dist)
-        ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in pos.roles.items()}})
+        failed: OSError | None = None
+        try:
+            ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in pos.roles.items()}})
+        except OSError as e:
+            failed = e
         barrier(self.dist)
-        if self.dist.is_main:
+        if self.dist.is_main and failed is None:
             meta = {"step": pos.step, "consumed_batches": pos.consumed, "world_size": self.dist.world,
                     "num_workers": self.workers, **pos.counters}
-            ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
-        barrier(self.dist)
+            try:
+                ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
+            except OSError as e:
+                failed = e
+        # every rank learns of a failed write (a full disk): all stop together, none waits for a peer
+        if any_true(torch.tensor(failed is not None, device=self.device), self.dist):
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the partial one goes; the previous one is whole
+            kept = ckpt.find(self.ckpt_root)
+            still = f"{kept.name} (step {ckpt.step_of(kept)}) is intact" if kept else "no earlier checkpoint"
+            why = (failed.strerror or str(failed)) if failed is not None else "on another rank"
+            raise CheckpointWriteError(self.ckpt_root, f"writing the step-{pos.step} checkpoint failed ({why}); {still}")
 
     def export(self, which: str, step: int) -> None:
         """The towers (LoRA merged) under ``which``/ (encoders/, or encoders_init/ before training) and
         the objective's heads beside them (heads/, heads_init/)."""
+        faults.point("export")
         extra: dict[str, Any] = {"objective": self.objective.name, "step": step}
         if self.cfg.get("init"):
             extra["init"] = str(self.cfg["init"])
