@@ -121,6 +121,30 @@ class ConvPosition(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
+class ConvStackPosition(nn.Module):
+    """data2vec (audio)'s convolutional relative position: ``depth`` grouped convs over time, each
+    followed by a LayerNorm without affine weights and GELU, no weight norm (fairseq's
+    ``pos_conv_depth`` > 1; Hugging Face's ``Data2VecAudioPositionalConvEmbedding``).
+    (x [B, N, D], pad [B, N]) -> [B, N, D]. Padding is zeroed before every conv, not only the first,
+    so it never shapes real frames (the references zero it once: equal on unpadded input)."""
+
+    def __init__(self, dim: int, kernel: int, groups: int, depth: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+                                   for _ in range(depth))
+        self.trim = 1 if kernel % 2 == 0 else 0
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        keep = (~pad)[:, None].to(x.dtype)  # [B, 1, N]
+        y = x.transpose(1, 2)
+        for conv in self.convs:
+            y = conv(y * keep)
+            if self.trim:
+                y = y[..., :-self.trim]
+            y = F.gelu(F.layer_norm(y.transpose(1, 2), (y.shape[1],)).transpose(1, 2))
+        return y.transpose(1, 2)
+
+
 def sinusoid(index: torch.Tensor, dim: int) -> torch.Tensor:
     """index: [B, N] positions -> [B, N, dim] fixed sin-cos embedding (Transformer's)."""
     half = dim // 2
@@ -166,8 +190,10 @@ class SpeechAdapter(ModalityAdapter):
         self.feature_dropout = nn.Dropout(float(c.get("feature_dropout", 0.0)))
         self.position = c.get("position", "conv")
         if self.position == "conv":
-            self.content_position = ConvPosition(dim, int(c.get("pos_conv_kernel", 128)),
-                                                 int(c.get("pos_conv_groups", 16)))
+            kernel, groups = int(c.get("pos_conv_kernel", 128)), int(c.get("pos_conv_groups", 16))
+            depth = int(c.get("pos_conv_depth", 1))  # 1: HuBERT / wav2vec 2.0; 5: data2vec (audio)
+            self.content_position = ConvPosition(dim, kernel, groups) if depth == 1 else \
+                ConvStackPosition(dim, kernel, groups, depth)
         elif self.position != "sinusoidal":
             raise ValueError(f"speech position must be 'conv' or 'sinusoidal', not {self.position!r}")
         self.mask_span = int(c.get("mask_span", 10))
