@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from mmssl.data.shards import BadSample, build_atomically, write_split
+from mmssl.modalities.image.formats import image_suffixes
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
 
@@ -89,7 +90,7 @@ class ImageCodec:
     Batches hold ``image``: float32 [B, 3, S, S] in [0, 1]."""
 
     modality = "image"
-    suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    suffixes = image_suffixes()  # every format Pillow decodes here (png, jpeg, webp, tiff, bmp, gif, ...)
 
     def read_file(self, path: str) -> dict[str, Any]:
         name = Path(path).name

@@ -14,6 +14,7 @@ import torchaudio
 
 from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.modalities.speech.features import HOP, SAMPLE_RATE, WIN, num_frames
+from mmssl.modalities.speech.formats import audio_suffixes
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
 
@@ -32,7 +33,7 @@ def to_mono_16k(wav: np.ndarray, sr: int) -> np.ndarray:
 
 class SpeechCodec:
     modality = "speech"
-    suffixes = (".wav", ".flac", ".ogg")
+    suffixes = audio_suffixes()  # every container soundfile reads here (wav, flac, ogg, opus, mp3, aiff, ...)
 
     def read_file(self, path: str) -> dict[str, Any]:
         try:
