@@ -87,13 +87,17 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x / s).clamp_(-CLIP, CLIP)
 
 
+#: rates a recording may claim (scalp EEG: 100 Hz to a few kHz; intracranial up to 30 kHz)
+MIN_RATE, MAX_RATE = 1.0, 100_000.0
+
+
 def check(data: np.ndarray, pos: np.ndarray, rate: float, name: str) -> None:
     if data.ndim != 2 or data.shape[0] < 1 or data.shape[1] < 1:
         raise BadSample(f"wrong_shape: {name}: data must be [channels, samples], got {data.shape}")
     if pos.shape != (data.shape[0], 3):
         raise BadSample(f"wrong_shape: {name}: {data.shape[0]} channels but coordinates {pos.shape}")
-    if not np.isfinite(rate) or rate <= 0:
-        raise BadSample(f"bad_rate: {name}: sampling rate {rate}")
+    if not np.isfinite(rate) or not MIN_RATE <= rate <= MAX_RATE:
+        raise BadSample(f"bad_rate: {name}: sampling rate {rate} Hz outside [{MIN_RATE}, {MAX_RATE}]")
     if not np.isfinite(data).all():
         raise BadSample(f"non_finite: {name}: NaN or infinite samples")
 

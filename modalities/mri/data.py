@@ -99,6 +99,10 @@ class CaseGeometry:
     ignored: list[str] = field(default_factory=list)
 
 
+#: the largest voxel edge a scan may claim, in mm (clinical scans: under 10)
+MAX_VOXEL_MM = 1000.0
+
+
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """A NIfTI file -> (float32 [X, Y, Z] canonical, affine, voxel sizes); raises BadSample."""
     import nibabel as nib
@@ -116,8 +120,13 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         raise BadSample(f"empty: {path.name}: volume of shape {data.shape}")
     if np.isinf(data).any():  # an overflowed or corrupt volume: z-scoring would zero every other voxel
         raise BadSample(f"non_finite: {path.name}: infinite voxels")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not all(np.isfinite(z) and 0 < z < MAX_VOXEL_MM for z in zooms) or not np.isfinite(affine).all():
+        raise BadSample(f"bad_header: {path.name}: voxel sizes {zooms} mm (pixdim must be finite, > 0 and "
+                        f"< {MAX_VOXEL_MM:g})")
     # NaN is background (some pipelines write NaN outside the brain mask): 0, like every other background
-    return np.nan_to_num(data), np.asarray(img.affine, dtype=np.float64), tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.nan_to_num(data), affine, zooms
 
 
 def _resize(vol: torch.Tensor, shape: tuple[int, ...], mode: str = "trilinear") -> torch.Tensor:

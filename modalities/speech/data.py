@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,27 @@ from mmssl.types import Batch
 MIN_SAMPLES = WIN  # one frame
 
 
-def to_mono_16k(wav: np.ndarray, sr: int) -> np.ndarray:
-    """[T] or [T, C] at ``sr`` -> [T'] float32 mono at 16 kHz (torchaudio's sinc resampler)."""
+#: sampling rates a recording may claim; outside them the header is wrong (a bit flip, a bad writer)
+MIN_RATE, MAX_RATE = 1000, 768000
+#: largest reduced rate ratio resampled exactly; torchaudio's sinc kernel has one phase per unit of
+#: the reduced source rate, so 44101 -> 16000 (coprime) would allocate gigabytes
+MAX_RATIO_TERM = 1000
+
+
+def to_mono_16k(wav: np.ndarray, sr: int, name: str = "") -> np.ndarray:
+    """[T] or [T, C] at ``sr`` -> [T'] float32 mono at 16 kHz (torchaudio's sinc resampler).
+    An odd rate is resampled through the nearest ratio with terms <= ``MAX_RATIO_TERM`` (a pitch
+    error under 1e-6); a rate outside [MIN_RATE, MAX_RATE] or audio shorter than a frame is a BadSample."""
+    if not MIN_RATE <= sr <= MAX_RATE:
+        raise BadSample(f"bad_rate: {name}: sampling rate {sr} Hz outside [{MIN_RATE}, {MAX_RATE}]")
     if wav.ndim == 2:
         wav = wav.mean(1)
+    if wav.size < MIN_SAMPLES:
+        raise BadSample(f"too_short: {name}: {wav.size} samples < {MIN_SAMPLES} (one 25 ms frame)")
     wav = wav.astype(np.float32)
     if sr != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(torch.from_numpy(wav), sr, SAMPLE_RATE).numpy()
+        ratio = Fraction(SAMPLE_RATE, sr).limit_denominator(MAX_RATIO_TERM)
+        wav = torchaudio.functional.resample(torch.from_numpy(wav), ratio.denominator, ratio.numerator).numpy()
     return wav
 
 
@@ -40,7 +55,7 @@ class SpeechCodec:
             wav, sr = sf.read(path, dtype="float32", always_2d=False)
         except Exception as e:  # soundfile raises several types for broken files
             raise BadSample(f"unreadable: {Path(path).name}: {e}") from None
-        return self._check({"speech": to_mono_16k(np.asarray(wav), sr)}, Path(path).name)
+        return self._check({"speech": to_mono_16k(np.asarray(wav), sr, Path(path).name)}, Path(path).name)
 
     def _check(self, item: dict[str, Any], name: str) -> dict[str, Any]:
         w = item["speech"]
@@ -71,7 +86,7 @@ class SpeechCodec:
             wav, sr = sf.read(io.BytesIO(audio), dtype="float32", always_2d=False)
         except Exception as e:
             raise BadSample(f"unreadable: {key}: {e}") from None
-        item = self._check({"speech": to_mono_16k(np.asarray(wav), sr)}, key)
+        item = self._check({"speech": to_mono_16k(np.asarray(wav), sr, key)}, key)
         out: dict[str, Any] = {"speech": torch.from_numpy(item["speech"])}
         if "phones.npy" in raw:
             fl = np.load(io.BytesIO(raw["phones.npy"]), allow_pickle=False)

@@ -23,6 +23,8 @@ VOCAB_SIZE = 49408
 SOT, EOT = 49406, 49407  # <start_of_text>, <end_of_text>
 SPECIAL_IDS = (SOT, EOT)
 CONTEXT_LENGTH = 77  # CLIP's
+#: integer labels are class indices (classes 0..max): a larger one is a corrupt label, not a class
+MAX_INT_LABEL = 100_000
 
 
 @lru_cache(maxsize=1)
@@ -65,6 +67,10 @@ def check_text(text: Any, name: str) -> str:
         raise BadSample(f"missing_text: {name}: no string 'text' field")
     if not text.strip():
         raise BadSample(f"empty_text: {name}")
+    try:  # JSON may escape a lone surrogate ("\ud800"), which no UTF-8 shard can store
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadSample(f"undecodable: {name}: {e.reason} at character {e.start}") from None
     if encode_text(text).numel() <= 2:
         raise BadSample(f"empty_text: {name}: no tokens after cleaning")
     return text
@@ -93,7 +99,8 @@ class TextCodec:
         """Every item of a file as ``(part, item or the BadSample that rejects it, own label)``, the
         multi-item contract of ``mmssl.data.pack.read_items``. A .txt file is one item (part "") without
         an own label; a .jsonl file holds one JSON object per line, ``{"text": str, "label": str | int
-        (optional)}``, part = the line number; blank lines are not items."""
+        (optional)}``, part = the line number; blank lines are not items, and a file of none is one
+        ``empty_text`` BadSample."""
         p = Path(path)
         if p.suffix.lower() != ".jsonl":
             try:
@@ -106,15 +113,19 @@ class TextCodec:
         except OSError as e:
             yield "", BadSample(f"unreadable: {p.name}: {e.strerror}"), None
             return
+        seen = 0
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            seen += 1
             try:
                 item, label = self._json_item(line, f"{p.name}:{n}")
             except BadSample as e:
                 yield str(n), e, None
                 continue
             yield str(n), item, label
+        if not seen:  # a file without a single line is counted, not silently passed over
+            yield "", BadSample(f"empty_text: {p.name}: no JSON lines"), None
 
     def _json_item(self, line: bytes, name: str) -> tuple[dict[str, Any], str | int | None]:
         try:
@@ -123,12 +134,18 @@ class TextCodec:
             raise BadSample(f"undecodable: {name}: not UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise BadSample(f"invalid_json: {name}: {e.msg}") from None
+        except RecursionError:
+            raise BadSample(f"invalid_json: {name}: nested too deeply") from None
+        except ValueError as e:  # an integer literal over Python's 4300-digit conversion limit
+            raise BadSample(f"bad_label: {name}: {str(e).split(';')[0]}") from None
         if not isinstance(obj, dict):
             raise BadSample(f"invalid_json: {name}: a line must be a JSON object, not {type(obj).__name__}")
         label = obj.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))
-                                  or (isinstance(label, int) and label < 0) or label == ""):
-            raise BadSample(f"bad_label: {name}: label must be a class name or an integer >= 0, not {label!r}")
+                                  or (isinstance(label, int) and not 0 <= label <= MAX_INT_LABEL) or label == ""):
+            shown = label if not isinstance(label, int) or label.bit_length() < 64 else f"an integer of {len(str(label))} digits"
+            raise BadSample(f"bad_label: {name}: label must be a class name or an integer in [0, {MAX_INT_LABEL}], "
+                            f"not {shown!r}")
         return {"text": check_text(obj.get("text"), name)}, label
 
     def encode(self, item: dict[str, Any]) -> dict[str, Any]:
