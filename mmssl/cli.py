@@ -11,6 +11,7 @@
   mmssl data pack modality=[A,B] src=DIR|FILE.csv|FILE.jsonl out=DIR [file_column= caption_column=]  (captions)
   mmssl reconstruct modality=M encoder=RUN src=CASE_DIR out=DIR      (the parts a sample lacks)
   mmssl convert FORMAT SRC OUT [key=value ...]                       (mmssl convert: the formats)
+  mmssl export hf|timm RUN OUT [modality=M] [key=value ...]          (to transformers / timm)
   mmssl list
 
 User errors end with exit code 2 and one line naming the valid choices (MMSSL_DEBUG=1 shows the
@@ -189,6 +190,21 @@ def cmd_convert(args: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: list[str]) -> int:
+    """``mmssl export FORMAT RUN OUT [key=value ...]``: a run's encoder in another library's format."""
+    from mmssl.config import UsageError
+    from mmssl.exporters import EXPORTERS
+
+    pos = [a for a in args if "=" not in a]
+    if len(pos) != 3 or pos[0] not in EXPORTERS:
+        raise UsageError("usage: mmssl export {" + "|".join(EXPORTERS) + "} RUN OUT [key=value ...]  (OUT: "
+                         + "; ".join(f"{k}: {e.writes} [{'= '.join(e.keys)}=]" for k, e in EXPORTERS.items()) + ")")
+    exp = EXPORTERS[pos[0]]
+    out = exp.run(Path(pos[1]), Path(pos[2]), _kv([a for a in args if "=" in a], exp.keys))
+    print(f"exported {pos[1]} -> {out} ({exp.writes})")
+    return 0
+
+
 def cmd_list(args: list[str]) -> int:
     from mmssl.config import group_options
     from mmssl.factory import supported_pairs
@@ -229,7 +245,8 @@ def cmd_reconstruct(args: list[str]) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "extract": cmd_extract, "data": cmd_data,
-            "convert": cmd_convert, "report": cmd_report, "list": cmd_list, "reconstruct": cmd_reconstruct}
+            "convert": cmd_convert, "export": cmd_export, "report": cmd_report, "list": cmd_list,
+            "reconstruct": cmd_reconstruct}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,15 @@ def load_encoder(path: str | Path, modality: str | None = None, device: str | to
                  which: str = "encoders") -> Encoder:
     """A ready Encoder (eval mode) from a run directory or an export.
 
-    ``which="encoders_init"`` loads a run's step-0 weights (the probe's random-init baseline)."""
+    ``which="encoders_init"`` loads a run's step-0 weights (the probe's random-init baseline). A Hugging
+    Face model directory (HubertModel, ViTModel, CLIPModel, ...; ``mmssl.convert.hf``) is detected and
+    converted in memory, with a one-line note on stderr."""
+    from mmssl.convert.hf_io import is_hf_dir
+
+    if which == "encoders" and is_hf_dir(path):
+        from mmssl.convert.hf import hf_encoder
+
+        return hf_encoder(path, modality).to(device).eval()
     d = resolve_encoder_dir(Path(path), modality, which)
     cfg = read_json_object(d / "config.json", "an encoder config.json", ("modality", "backbone"))
     try:

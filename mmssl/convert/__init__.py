@@ -37,7 +37,15 @@ def _timm(src: Path, out: Path, kv: dict[str, str]) -> Path:
     return convert_timm(src, out, **extra)
 
 
+def _hf(src: Path, out: Path, kv: dict[str, str]) -> Path:
+    from mmssl.convert.hf import convert_hf
+
+    return convert_hf(src, out, kv)
+
+
 CONVERTERS: dict[str, Converter] = {
     "hubert": Converter("a torchaudio HuBERT state_dict", (), _hubert),
     "timm": Converter("a timm ViT state_dict", ("size", "mean", "std"), _timm),
+    "hf": Converter("a Hugging Face model directory (config.json + model.safetensors: HubertModel, Wav2Vec2Model, "
+                    "Data2VecAudioModel, ViTModel, ViTMAEModel, CLIPModel)", ("mean", "std"), _hf),
 }
