@@ -7,7 +7,8 @@
   mmssl eval retrieval|zero-shot encoder=RUN [out=DIR] [data=...] [eval.split=test]
   mmssl report RUN_DIR [RUN_DIR ...] [out=DIR]
   mmssl extract encoder=PATH out=DIR [split=test] [eval.layer=-1]
-  mmssl data pack modality=M src=DIR|FILE out=DIR [shards=N] [val=F] [test=F] [seed=N]
+  mmssl data pack modality=M src=DIR|FILE out=DIR [shards=N] [val=F] [test=F] [seed=N] [group=DEPTH]
+  mmssl data fetch NAME [cache_dir=DIR] [force=true]                 (a real set; then data=real-NAME)
   mmssl data pack modality=[A,B] src=DIR|FILE.csv|FILE.jsonl out=DIR [file_column= caption_column=]  (captions)
   mmssl reconstruct modality=M encoder=RUN src=CASE_DIR out=DIR      (the parts a sample lacks)
   mmssl convert FORMAT SRC OUT [key=value ...]                       (mmssl convert: the formats)
@@ -143,7 +144,8 @@ def cmd_extract(args: list[str]) -> int:
 
 
 # -- data, convert, list ------------------------------------------------------------------------------
-PACK_KEYS = {"shards": ("num_shards", int), "val": ("val", float), "test": ("test", float), "seed": ("seed", int)}
+PACK_KEYS = {"shards": ("num_shards", int), "val": ("val", float), "test": ("test", float), "seed": ("seed", int),
+             "group": ("group_level", int)}
 PAIR_KEYS = ("file_column", "caption_column")
 
 
@@ -151,9 +153,11 @@ def cmd_data(args: list[str]) -> int:
     from mmssl.config import UsageError
     from mmssl.data.pack import MAX_PRINTED, pack
 
-    usage = "mmssl data pack modality=M|[M,text] src=DIR|FILE out=DIR [shards=] [val=] [test=] [seed=]"
+    usage = "mmssl data pack modality=M|[M,text] src=DIR|FILE out=DIR [shards=] [val=] [test=] [seed=] [group=]"
+    if args and args[0] == "fetch":
+        return cmd_fetch(args[1:])
     if not args or args[0] != "pack":
-        raise UsageError(f"usage: {usage}")
+        raise UsageError(f"usage: {usage}  |  mmssl data fetch NAME")
     kv = _kv(args[1:], {"modality", "src", "out", *PACK_KEYS, *PAIR_KEYS})
     _need(kv, ("modality", "src", "out"), usage)
     opts = {name: cast(kv[k]) for k, (name, cast) in PACK_KEYS.items() if k in kv}
@@ -173,6 +177,29 @@ def cmd_data(args: list[str]) -> int:
     for line in report["bad_files"][:MAX_PRINTED]:
         print(f"  skipped {line}")
     return 0
+
+
+def cmd_fetch(args: list[str]) -> int:
+    """``mmssl data fetch NAME``: install, record the licence of and pack a real set (mmssl.data.fetch)."""
+    from mmssl.config import UsageError
+    from mmssl.data.fetch import REAL_SETS, fetch
+    from mmssl.registry import load_builtins
+
+    names = [a for a in args if "=" not in a]
+    kv = _kv([a for a in args if "=" in a], {"cache_dir", "force"})
+    if len(names) != 1:
+        load_builtins()  # registers the sets, to name them
+        raise UsageError(f"usage: mmssl data fetch NAME [cache_dir=DIR] [force=true]; names: {', '.join(sorted(REAL_SETS))}")
+    fetch(names[0], cache_dir_of(kv.get("cache_dir")), force=kv.get("force") == "true")
+    return 0
+
+
+def cache_dir_of(given: str | None) -> Path:
+    from omegaconf import OmegaConf
+
+    from mmssl.config import cache_dir
+
+    return cache_dir(OmegaConf.create({"cache_dir": given}))
 
 
 def cmd_convert(args: list[str]) -> int:

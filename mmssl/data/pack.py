@@ -39,6 +39,24 @@ def stratified_split(labels: list[int], val: float, test: float, seed: int) -> d
     return {k: sorted(v) for k, v in out.items()}
 
 
+def grouped_split(groups: list[str], val: float, test: float, seed: int) -> dict[str, list[int]]:
+    """Indices per split with every group (a speaker, a font, a source package) in one split only:
+    the sorted groups are shuffled with ``seed`` and whole groups go to test, then val, the rest to
+    train (at least one group each where there are three or more). Classes are not stratified: a
+    class whose items all sit in one group lies in one split."""
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(set(groups))
+    order = [names[j] for j in torch.randperm(len(names), generator=g).tolist()]
+    n = len(order)
+    n_test = max(1, round(test * n)) if n >= 3 and test > 0 else 0
+    n_val = max(1, round(val * n)) if n >= 3 and val > 0 else 0
+    where = {x: "test" for x in order[:n_test]} | {x: "val" for x in order[n_test:n_test + n_val]}
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, x in enumerate(groups):
+        out[where.get(x, "train")].append(i)
+    return out
+
+
 def read_items(codec: Any, path: Path) -> Iterator[tuple[str, dict[str, Any] | BadSample, str | int | None]]:
     """``(part, item or the BadSample rejecting it, the item's own label or None)`` for each item of a
     file. ``part`` locates the item inside a multi-item file ("" for a whole file). Codecs with
@@ -82,7 +100,10 @@ def _class_index(names: list[str | int]) -> tuple[list[str], dict[str | int, int
 
 
 def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 0.1, test: float = 0.2,
-         seed: int = 0) -> dict[str, Any]:
+         seed: int = 0, group_level: int = 0) -> dict[str, Any]:
+    """``group_level=N`` (N >= 1): the folder N levels below ``src`` (1: the class folder, 2: a folder
+    inside it, e.g. ``src/<class>/<speaker>/``) is each item's group, and whole groups are split
+    (``grouped_split``); an item fewer levels down is a group of its own. 0: stratified by class."""
     codec = MODALITIES.get(modality).codec
     src = Path(src)
     kinds = "/".join(codec.suffixes)
@@ -112,6 +133,7 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
         reject(str(p.relative_to(root)), "unsupported_type", "unsupported_type")
     # (name, item, label: folder name or own label or None, whole file?)
     found: list[tuple[str, dict[str, Any], str | int | None, bool]] = []
+    origin: dict[str, tuple[str, ...]] = {}  # item name -> its file's path parts below src (for groups)
     for p in files:
         rel = p.relative_to(root)
         folder = rel.parts[0] if src.is_dir() and len(rel.parts) > 1 else None
@@ -123,7 +145,10 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
                 reject(name, "label_conflict", f"label_conflict: own label {own!r} in class folder {folder!r}")
             else:
                 found.append((name, item, folder if folder is not None else own, not part))
+                origin[name] = rel.parts
     labelled = any(y is not None for _, _, y, _ in found)
+    if group_level < 0:
+        raise ValueError(f"group={group_level}: a folder depth >= 1, or 0 for no groups")
     items: list[tuple[str, dict[str, Any]]] = []
     names: list[str | int] = []
     for name, item, y, whole in found:
@@ -141,13 +166,20 @@ def pack(modality: str, src: Path, out: Path, num_shards: int = 8, val: float = 
     folders = [p.relative_to(root).parts[0] for p in files if src.is_dir() and len(p.relative_to(root).parts) > 1]
     classes, index = _class_index(names + folders) if labelled else ([], {0: 0})
     labels = [index[y] for y in names]
-    splits = stratified_split(labels, val, test, seed)
+    if group_level:
+        groups = [p[group_level - 1] if len(p) > group_level else "/".join(p) for p in (origin[n] for n, _ in items)]
+        splits = grouped_split(groups, val, test, seed)
+    else:
+        splits = stratified_split(labels, val, test, seed)
     if len(bad_files) < sum(bad.values()):
         bad_files.append(f"... and {sum(bad.values()) - len(bad_files)} more (counted in bad_samples)")
 
     def build(tmp: Path) -> None:
         meta: dict[str, Any] = {"name": f"packed:{src.name}", "modality": modality, "source": str(src.resolve()),
                                 "classes": classes, "splits": {}, "bad_samples": dict(bad), "bad_files": bad_files}
+        if group_level:  # which groups each split holds, so a reader can check none is in two
+            meta["group_level"] = group_level
+            meta["groups"] = {k: sorted({groups[i] for i in idx}) for k, idx in splits.items() if idx}
         for split, idx in splits.items():
             if not idx:
                 continue
