@@ -190,3 +190,137 @@ def frame_pnmi(table: UnitTable, ctx: PrepareContext, key: str = "frame_label") 
         got_u.append(lab[~pad])
         got_l.append(batch[key][~pad])
     return pnmi(np.concatenate([u.numpy() for u in got_u]), np.concatenate([x.numpy() for x in got_l]))
+
+
+# -- units assigned at each step ------------------------------------------------------------------------
+class Codebook(torch.nn.Module):
+    """Nearest-centroid units of features computed at every step (``assign: online``): the labels
+    follow whatever crop, subsample or augmentation the training batch got, where a table of labels
+    per sample id only holds for crops that keep token positions. Centroids are non-persistent
+    buffers (rebuilt from the cache, as ``UnitTable``)."""
+
+    def __init__(self, centroids: torch.Tensor, meta: dict[str, Any]) -> None:
+        super().__init__()
+        c = centroids.float()
+        # distances are computed about the centroids' mean: the expanded |x|^2 - 2 x.c + |c|^2 then
+        # cancels as little as the k-means fit's, which works about the data mean
+        self.register_buffer("centre", c.mean(0), persistent=False)
+        self.register_buffer("centroids", c - c.mean(0), persistent=False)
+        self.meta = meta
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @torch.no_grad()
+    def assign(self, feats: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """feats [B, N, F], pad [B, N] -> units [B, N] int64 (-100 at padding)."""
+        if feats.shape[-1] != self.centroids.shape[1]:
+            raise ValueError(f"unit features are {feats.shape[-1]}-wide, the cached centroids "
+                             f"{self.centroids.shape[1]}-wide: the features changed since the units were fitted")
+        B, N, F = feats.shape
+        x = feats.float().reshape(B * N, F) - self.centre
+        c_sq = self.centroids.pow(2).sum(1)
+        d = torch.addmm(c_sq[None], x, self.centroids.T, beta=1.0, alpha=-2.0)  # [B*N, K]
+        return torch.where(pad, torch.full_like(pad, -100, dtype=torch.long), d.argmin(1).view(B, N))
+
+
+class IdCodebook(torch.nn.Module):
+    """Units of features that are discrete ids already (text tokens): each of the k - 1 most frequent
+    ids of the train split is a unit of its own, the rarer ones share the last unit (none do when the
+    split holds at most k distinct ids). No k-means: ids have no geometry to cluster, any two
+    distinct ids are equally far apart, so k-means on one-hot ids could only group them by
+    frequency."""
+
+    def __init__(self, ids: torch.Tensor, units: torch.Tensor, meta: dict[str, Any]) -> None:
+        super().__init__()
+        order = torch.argsort(ids)
+        self.register_buffer("ids", ids[order].long(), persistent=False)
+        self.register_buffer("units", units[order].long(), persistent=False)
+        self.meta = meta
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @torch.no_grad()
+    def assign(self, feats: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """feats [B, N, 1] integer ids, pad [B, N] -> units [B, N] int64 (-100 at padding)."""
+        ids = feats[..., 0].long()
+        pos = torch.searchsorted(self.ids, ids.clamp_min(0)).clamp_max(self.ids.numel() - 1)
+        known = self.ids[pos] == ids
+        unit = torch.where(known, self.units[pos], torch.full_like(ids, self.k - 1))
+        return torch.where(pad, torch.full_like(ids, -100), unit)
+
+
+def is_discrete(feats: torch.Tensor) -> bool:
+    """Whether unit features are ids (an integer tensor [B, N, 1]) rather than vectors to cluster."""
+    return not feats.is_floating_point() and feats.shape[-1] == 1
+
+
+def fit_id_units(ctx: PrepareContext, feature_fn: FeatureFn, k: int, meta: dict[str, Any], out_dir: Path
+                 ) -> dict[str, Any]:
+    """Count the train split's ids and write an ``IdCodebook`` (``vocab.safetensors``: ids, units)
+    atomically into ``out_dir``. Ties in frequency go to the smaller id, so the fit is deterministic."""
+    out_dir = Path(out_dir)
+    tmp = make_tmp_dir(out_dir)
+    try:
+        counts = torch.zeros(0, dtype=torch.long)
+        rows = 0
+        for batch in ctx.iter_split("train"):
+            batch = {key: v.to(ctx.device) for key, v in batch.items()}
+            with torch.no_grad():
+                feats, pad = feature_fn(batch)
+            ids = feats[..., 0][~pad].long().cpu()
+            if ids.numel() and int(ids.min()) < 0:
+                raise ValueError("discrete unit features must be ids >= 0")
+            c = torch.bincount(ids, minlength=counts.numel())
+            counts = torch.cat([counts, counts.new_zeros(c.numel() - counts.numel())]) + c
+            rows += ids.numel()
+        faults.point("units_dumped")
+        if rows == 0:
+            raise ValueError("the train split produced no tokens to label")
+        seen = counts.nonzero()[:, 0]
+        # most frequent first, ties by the smaller id (a stable sort of ids already in ascending order)
+        by_freq = seen[torch.argsort(-counts[seen], stable=True)]
+        units = torch.arange(by_freq.numel()).clamp_max(k - 1)
+        per_unit = torch.zeros(k, dtype=torch.long).scatter_add_(0, units, counts[by_freq])
+        p = per_unit.double() / per_unit.sum()
+        nz = p[p > 0]
+        usage = {"used": int((per_unit > 0).sum()), "k": k, "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+                 "max_fraction": float(p.max())}
+        meta = dict(meta, k=k, num_frames=rows, distinct_ids=int(seen.numel()),
+                    shared_unit_fraction=float(per_unit[k - 1] / per_unit.sum()) if seen.numel() > k else 0.0,
+                    cluster_usage=usage, data=ctx.data_fingerprint)
+        faults.point("units_fitted")
+        save_file({"ids": by_freq.contiguous(), "units": units.contiguous()}, str(tmp / "vocab.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _checked_meta(path: Path, expect: dict[str, Any] | None) -> dict[str, Any]:
+    meta = read_json_object(path / "meta.json", "a unit table's meta.json", ("k",))
+    for key, val in (expect or {}).items():
+        if key in meta and meta[key] != val:
+            raise ConfigError(f"targets in {path} have {key}={meta[key]!r}, this run expects {val!r}")
+    return meta
+
+
+def load_codebook(path: Path, expect: dict[str, Any] | None = None) -> Codebook | IdCodebook:
+    """The cached units of ``path`` for step-wise assignment: its k-means centroids, or its id
+    vocabulary where the features were ids; ``expect`` keys must match its meta."""
+    path = Path(path)
+    meta = _checked_meta(path, expect)
+    if meta.get("discrete"):
+        t = read_safetensors(path / "vocab.safetensors", "an id vocabulary")
+        if "ids" not in t or "units" not in t:
+            raise BadFileError(path / "vocab.safetensors", "lacks ids or units (expected an id vocabulary)")
+        return IdCodebook(t["ids"], t["units"], meta)
+    t = read_safetensors(path / "centroids.safetensors", "k-means centroids")
+    if "centroids" not in t or t["centroids"].dim() != 2 or t["centroids"].shape[0] != int(meta["k"]):
+        raise BadFileError(path / "centroids.safetensors", f"holds no [{meta['k']}, F] centroids")
+    return Codebook(t["centroids"], meta)

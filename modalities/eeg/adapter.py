@@ -36,6 +36,21 @@ from mmssl.types import Batch, Tokens
 #: (name, low Hz, high Hz) of the classical bands in ``baseline_features``
 BANDS: tuple[tuple[str, float, float], ...] = (("delta", 1.0, 4.0), ("theta", 4.0, 8.0), ("alpha", 8.0, 13.0),
                                                ("beta", 13.0, 30.0), ("gamma", 30.0, 45.0))
+
+
+def band_log_power(patches: torch.Tensor, rate: float) -> torch.Tensor:
+    """patches [..., P] at ``rate`` Hz -> [..., len(BANDS)]: log(1e-8 + mean power) of the
+    Hann-windowed periodogram's bins in each band of ``BANDS`` (a band with no bin at this patch length
+    or rate, e.g. above Nyquist, gives log 1e-8)."""
+    P = patches.shape[-1]
+    win = torch.hann_window(P, periodic=False, device=patches.device, dtype=patches.dtype)
+    power = torch.fft.rfft(patches * win).abs() ** 2 / (win ** 2).sum()
+    freqs = torch.fft.rfftfreq(P, 1.0 / rate).to(patches.device)
+    out = []
+    for _, lo, hi in BANDS:
+        sel = (freqs >= lo) & (freqs < hi)
+        out.append(power[..., sel].mean(-1) if bool(sel.any()) else power.new_zeros(power.shape[:-1]))
+    return torch.log(torch.stack(out, -1) + 1e-8)
 #: defaults of ``adapter.views`` (configurable in the modality yaml)
 VIEW_DEFAULTS: dict[str, Any] = {
     "global_crop": (0.6, 1.0),   # fraction of each recording's length kept by a global view
@@ -311,6 +326,20 @@ class EEGAdapter(ModalityAdapter):
         return out
 
     # -- features -------------------------------------------------------------------------------------
+    @property
+    def unit_features_id(self) -> str:  # type: ignore[override]
+        return f"patch-log-band-power,hann,{[b[0] for b in BANDS]},rate{self.sample_rate},patch{self.patch}"
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (channel, time patch) token's log band powers (delta, theta, alpha, beta, gamma of
+        ``BANDS``): the mean power of the Hann-windowed patch's periodogram bins in each band,
+        log(1e-8 + power), [B, C * Tp, 5] in ``tokenize``'s order (channel-major) and padding (0 there).
+        The same patches as the tokens (``_patches``: at the model's rate, each resampled alone)."""
+        patches, n_t, Tp = self._patches(batch)
+        t = patches.flatten(1, 2).float()  # [B, N, P]
+        pad = self._pad(batch, n_t, Tp).to(t.device)
+        return band_log_power(t, self.sample_rate) * (~pad)[..., None], pad
+
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Log band power (delta, theta, alpha, beta, gamma): channel mean, left minus right, front minus
         back: [B, 15] for any montage.

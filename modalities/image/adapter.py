@@ -74,6 +74,30 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(B, h * w, p * p * C)
 
 
+#: orientation bins of the ``histogram`` unit feature (unsigned gradients, 0..180 degrees)
+ORIENTATION_BINS = 8
+
+
+def colour_gradient_histogram(img: torch.Tensor, p: int, bins: int = ORIENTATION_BINS) -> torch.Tensor:
+    """img [B, 3, H, W] in [0, 1] -> [B, (H/p)(W/p), 3 + bins + 1] per patch: mean colour, a
+    magnitude-weighted histogram of unsigned gradient orientations (L1-normalised; zero for a flat
+    patch) and log(1e-3 + mean gradient magnitude). Gradients are central differences of the grey image
+    (replicated border), so every pixel has one; a patch's border pixels read their neighbours'."""
+    grey = img.mean(1, keepdim=True)
+    g = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    gx = (g[..., 1:-1, 2:] - g[..., 1:-1, :-2]) / 2
+    gy = (g[..., 2:, 1:-1] - g[..., :-2, 1:-1]) / 2
+    mag = (gx ** 2 + gy ** 2).sqrt()
+    ang = torch.atan2(gy, gx) % torch.pi  # unsigned: [0, pi)
+    b = (ang / torch.pi * bins).long().clamp_max(bins - 1)  # [B, 1, H, W]
+    onehot = F.one_hot(b[:, 0], bins).permute(0, 3, 1, 2).float() * mag  # [B, bins, H, W]
+    hist = F.avg_pool2d(onehot, p).flatten(2).transpose(1, 2)  # [B, N, bins] mean per patch
+    hist = hist / hist.sum(-1, keepdim=True).clamp_min(1e-8)
+    colour = F.avg_pool2d(img, p).flatten(2).transpose(1, 2)  # [B, N, 3]
+    strength = torch.log(1e-3 + F.avg_pool2d(mag, p).flatten(2).transpose(1, 2))  # [B, N, 1]
+    return torch.cat([colour, hist, strength], -1)
+
+
 def _unit_range(img: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] uint8 -> float in [0, 1]; float images pass unchanged."""
     return img if img.is_floating_point() else img.float() / 255.0
@@ -230,6 +254,31 @@ class ImageAdapter(ModalityAdapter):
         return out
 
     # -- features -------------------------------------------------------------------------------------
+    @property
+    def unit_features_id(self) -> str:  # type: ignore[override]
+        kind = str(self.cfg.get("unit_feature", "pixels"))
+        return f"{kind},p{self.patch_size},mean{self.mean_values},std{self.std_values}" + \
+            (f",bins{ORIENTATION_BINS}" if kind == "histogram" else "")
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One classical feature per patch token, in ``tokenize``'s order (row-major), no padding.
+
+        ``unit_feature: pixels`` (the default): the patch's input-normalised pixels, [B, N, p*p*3]
+        (MAE's target without per-patch normalisation, so colour and brightness stay in it).
+        ``unit_feature: histogram``: the patch's mean colour (3) and a magnitude-weighted histogram of
+        gradient orientations (``ORIENTATION_BINS``, unsigned, central differences on the grey image,
+        L1-normalised) with the patch's log mean gradient magnitude: [B, N, 3 + bins + 1]."""
+        kind = str(self.cfg.get("unit_feature", "pixels"))
+        img = self._normalised(batch).float()
+        B = img.shape[0]
+        rows, cols = self._grid_of(img)
+        pad = torch.zeros(B, rows * cols, dtype=torch.bool, device=img.device)
+        if kind == "pixels":
+            return patchify(img, self.patch_size), pad
+        if kind != "histogram":
+            raise ValueError(f"image unit_feature must be 'pixels' or 'histogram', not {kind!r}")
+        return colour_gradient_histogram(_unit_range(batch["image"]).float(), self.patch_size), pad
+
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Raw pixels average-pooled to 8 x 8 per channel: [B, 192]."""
         return F.adaptive_avg_pool2d(_unit_range(batch["image"]).float(), 8).flatten(1)

@@ -64,6 +64,13 @@ def sincos_3d(d: int, h: int, w: int, dim: int, device: torch.device | str | Non
     return sincos_grid((d, h, w), dim, device)
 
 
+def intensity_statistics(v: torch.Tensor) -> torch.Tensor:
+    """v [..., V] a patch's (z-scored) voxels -> [..., 7]: mean, standard deviation, 10th, 50th and 90th
+    percentiles, maximum, and the fraction of head voxels (non-zero: the background is 0)."""
+    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], device=v.device, dtype=v.dtype), dim=-1)  # [3, ...]
+    return torch.stack([v.mean(-1), v.std(-1, unbiased=False), *q, v.amax(-1), (v != 0).float().mean(-1)], -1)
+
+
 def patchify3d(vol: torch.Tensor, p: int) -> torch.Tensor:
     """[B, M, D, H, W] -> [B, M, (D/p)(H/p)(W/p), p^3]: patches d-major over the grid, voxels (d, h, w)
     within a patch."""
@@ -315,6 +322,24 @@ class MRIAdapter(ModalityAdapter):
         return out
 
     # -- features -------------------------------------------------------------------------------------
+    @property
+    def unit_features_id(self) -> str:  # type: ignore[override]
+        return f"patch-intensity-stats:mean,std,q10,q50,q90,max,head-fraction,p{self.patch_size}"
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's intensity statistics (``intensity_statistics`` of its patch's voxels), [B, N, 7],
+        in ``tokenize``'s order: present contrasts' tokens first, padding (0) after them."""
+        vol, present, grid = self._check(batch)
+        B, M = vol.shape[:2]
+        G = grid[0] * grid[1] * grid[2]
+        t = patchify3d(vol.float(), self.patch_size).reshape(B, M * G, self.target_dim)
+        pad = (~present).repeat_interleave(G, dim=1)
+        order = self._order(present, G)
+        if order is not None:
+            t = torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[-1]))
+            pad = torch.gather(pad, 1, order)
+        return intensity_statistics(t) * (~pad)[..., None], pad
+
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """Intensity histograms of each present contrast's head voxels (16 bins over z-scores -3..5,
         fractions), absent contrasts a constant 0, then the M presence bits: [B, M * 16 + M]."""

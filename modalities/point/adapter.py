@@ -99,6 +99,32 @@ def gather_points(xyz: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out.reshape(*idx.shape, C)
 
 
+def group_shape(local: torch.Tensor, centres: torch.Tensor, bins: int = 4) -> torch.Tensor:
+    """A classical local shape descriptor per group, invariant to rotation and to the group's scale.
+
+    local [B, G, k, 3] points relative to their centre, centres [B, G, 3] (in the centred cloud) ->
+    [B, G, 5 + bins]: linearity (l1 - l2) / l1, planarity (l2 - l3) / l1 and scattering l3 / l1 of the
+    covariance eigenvalues l1 >= l2 >= l3 (Demantke et al., 2011); the histogram of the points'
+    distances to the centre over [0, max] (``bins``, fractions); the group mean's offset from the
+    centre over the group radius (large at edges); and |n . c / |c||, how much the surface normal n
+    (the least-variance axis) faces away from the cloud's centroid."""
+    x = local.float()
+    dev = x - x.mean(-2, keepdim=True)
+    cov = dev.transpose(-1, -2) @ dev / x.shape[-2]  # [B, G, 3, 3]
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    l3, l2, l1 = evals.clamp_min(0).unbind(-1)
+    l1 = l1.clamp_min(1e-12)
+    ratios = torch.stack([(l1 - l2) / l1, (l2 - l3) / l1, l3 / l1], -1)
+    d = x.norm(dim=-1)  # [B, G, k]
+    r = d.amax(-1, keepdim=True).clamp_min(1e-8)
+    b = (d / r * bins).long().clamp_max(bins - 1)
+    hist = F.one_hot(b, bins).float().mean(-2)  # [B, G, bins]
+    offset = x.mean(-2).norm(dim=-1, keepdim=True) / r
+    normal = evecs[..., 0]  # [B, G, 3] the least-variance direction
+    facing = (normal * F.normalize(centres.float(), dim=-1, eps=1e-8)).sum(-1, keepdim=True).abs()
+    return torch.cat([ratios, hist, offset, facing], -1)
+
+
 class MiniPointNet(nn.Module):
     """Point-MAE's group encoder: [..., k, 3] local points -> [..., D].
 
@@ -302,6 +328,15 @@ class PointAdapter(ModalityAdapter):
         return out
 
     # -- features -------------------------------------------------------------------------------------
+    #: identifies what unit_features computes, so cached unit targets are rebuilt when it changes
+    unit_features_id = "group-shape:eigen-ratios,radial-hist4,offset,normal-facing"
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group token's local shape descriptor (``group_shape``), [B, G, 9], in ``tokenize``'s
+        order and padding (farthest point sampling is deterministic, so the groups are the tokens')."""
+        centres, local, pad = self.group(batch)
+        return group_shape(local, centres) * (~pad)[..., None], pad
+
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """The D2 shape distribution (Osada et al., 2002) plus the normalised cloud's sorted principal
         extents: [B, d2_bins + 3].

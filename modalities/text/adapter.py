@@ -183,6 +183,18 @@ class TextAdapter(ModalityAdapter):
         return v
 
     # -- features -------------------------------------------------------------------------------------
+    #: identifies what unit_features computes, so cached unit targets are rebuilt when it changes
+    unit_features_id = "token-id"
+
+    def unit_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's own id, [B, L, 1] int64 (0 at padding), with the padding of ``tokenize``.
+
+        Integer features are units already: a discrete-unit objective labels them by id rather than
+        clustering them (one-hot ids are all equally far apart, so k-means could only group them by
+        frequency, and an id's value carries no order to cluster)."""
+        pad = self._pad(batch)
+        return batch["text"].long().masked_fill(pad, 0)[..., None], pad
+
     def bow_bucket(self, ids: torch.Tensor) -> torch.Tensor:
         """ids -> bucket in [0, bow_buckets): a fixed universal hash ((a * id + c) mod p) mod F."""
         return ((ids.long() * _HASH_MUL + _HASH_ADD) % _HASH_PRIME) % self.bow_buckets
