@@ -25,7 +25,9 @@ def spec(kind: type | tuple[type, ...], low: float | None = None, high: float | 
 class TrainerSchema:
     max_steps: int = spec(int, low=0)
     batch_size: int = spec(int, low=1)
-    grad_accum: int = spec(int, low=1)
+    accumulate: int = spec(int, low=1)
+    strategy: str = spec(str, choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = spec(bool)
     lr: float = spec(float, low=0, low_open=True)
     weight_decay: float = spec(float, low=0)
     betas: list = spec(list)  # noqa: RUF009 (spec() is a dataclasses.field)

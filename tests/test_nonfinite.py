@@ -31,7 +31,7 @@ def test_nonfinite_steps_are_skipped_and_counted(packed: Path, tmp_path: Path, c
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     poison(monkeypatch, {3, 4})
     run = tmp_path / "r"
-    assert main(["pretrain", *tiny_overrides(packed, run, steps=3, **{"trainer.grad_accum": "2"})]) == 0
+    assert main(["pretrain", *tiny_overrides(packed, run, steps=3, **{"trainer.accumulate": "2"})]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("event") == "nonfinite_step_skipped" for r in rows) == 1  # calls 3 and 4: both halves of one step
     last = [r for r in rows if "loss" in r][-1]

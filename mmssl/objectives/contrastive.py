@@ -11,7 +11,9 @@ its own head to a shared ``embed_dim`` space and L2-normalised. Pair i of the ba
 
 Under DDP the normalised embeddings are gathered across ranks with gradients and every rank computes
 the loss of the global batch (``mmssl.train.gather``), so gradients equal single-process ones. Only in
-training: evaluation scores each rank's own batch.
+training: evaluation scores each rank's own batch. ``trainer.accumulate=N`` caches the features of N
+micro-batches and computes the loss over all of them (``mmssl.train.accumulate``): the negatives are
+N x batch x world, and loss and gradients equal the N-times larger batch's.
 
 Heads (``heads/contrastive.safetensors`` + ``.json``): both projections and the temperatures;
 ``mmssl.export.load_pair(run_dir)`` rebuilds the pair in the shared space for retrieval and zero-shot evaluation."""
@@ -29,6 +31,7 @@ from mmssl.encoder import Encoder
 from mmssl.objectives.base import Objective
 from mmssl.objectives.contrastive_loss import MAX_LOG_SCALE, clamp_log_scale_, clip_loss, cloob_loss
 from mmssl.registry import MODALITIES, OBJECTIVES
+from mmssl.train.accumulate import FeatureCache
 from mmssl.train.gather import gather_with_grad, rank_world
 from mmssl.types import Batch, ObjectiveOutput
 
@@ -83,12 +86,17 @@ class ContrastiveHead(nn.Module):
         """[B, D] -> [B, E] L2-normalised (in float32: the loss compares them in float32 anyway)."""
         return F.normalize(self.proj[modality](pooled).float(), dim=-1)
 
-    def loss(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a, b: [B, E] normalised embeddings of the whole (global) batch -> scalar."""
+    def loss(self, a: torch.Tensor, b: torch.Tensor, params_live: bool = True) -> torch.Tensor:
+        """a, b: [B, E] normalised embeddings of the whole (global) batch -> scalar. ``params_live``
+        False: the temperatures enter as constants (feature accumulation's later passes, so they take
+        their gradient once per step)."""
+        def p(t: torch.Tensor) -> torch.Tensor:
+            return t if params_live else t.detach()
+
         if self.config["loss"] == "cloob":
-            return cloob_loss(a, b, inv_tau=self.log_inv_tau.clamp(max=MAX_LOG_SCALE).exp(),
-                              beta=self.log_beta.exp())
-        return clip_loss(a, b, self.log_scale, self.max_log_scale)
+            return cloob_loss(a, b, inv_tau=p(self.log_inv_tau).clamp(max=MAX_LOG_SCALE).exp(),
+                              beta=p(self.log_beta).exp())
+        return clip_loss(a, b, p(self.log_scale), self.max_log_scale)
 
     def clamp_(self) -> None:
         """open_clip / ml-jku/cloob clamp the stored logs in place after each optimizer step."""
@@ -115,6 +123,9 @@ class Contrastive(Objective):
     num_modalities = 2
     loss_name = "clip"
     bucket_by_length = False  # in-batch negatives need i.i.d. batches (see Objective.bucket_by_length)
+    #: trainer.accumulate caches every micro-batch's features and computes one loss over all of them
+    #: (mmssl.train.accumulate), so accumulation keeps every negative
+    accumulates_features = True
 
     def __init__(self, encoders: dict[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -151,15 +162,29 @@ class Contrastive(Objective):
         """Batch -> [B, E] normalised embeddings of one tower in the shared space."""
         return self.head.project(modality, self.towers[modality].embed(batch))
 
-    def forward(self, batch: Batch) -> ObjectiveOutput:
-        a, b = (self.embed(m, batch) for m in self.pair)
+    def features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{modality: [B, E]} normalised embeddings of both towers: what feature accumulation caches."""
+        return {m: self.embed(m, batch) for m in self.pair}
+
+    def forward(self, batch: Batch, cache: FeatureCache | None = None) -> ObjectiveOutput:
+        """The loss of ``batch``; with ``cache`` (``trainer.accumulate``, mmssl.train.accumulate): while
+        collecting, the features go into the cache and the loss is 0; afterwards the loss is that of
+        every cached micro-batch with this one's features fresh."""
+        feats = self.features(batch)
+        a, b = (feats[m] for m in self.pair)
         with torch.no_grad():  # in-batch top-1 accuracy, both directions, on this rank's items
             sim = a @ b.T
             target = torch.arange(sim.shape[0], device=sim.device)
             acc = ((sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean()) / 2
+        if cache is not None and cache.collecting:
+            cache.add(feats)
+            return ObjectiveOutput(a.new_zeros(()), {"batch_acc": acc})
+        if cache is not None:
+            feats = cache.assemble(feats)
+            a, b = (feats[m] for m in self.pair)
         if self.training and self.gather and rank_world()[1] > 1:
             a, b = gather_with_grad(a), gather_with_grad(b)
-        loss = self.head.loss(a, b)
+        loss = self.head.loss(a, b, params_live=cache is None or cache.loss_params_live)
         metrics: dict[str, Any] = {"batch_acc": acc, "pairs": float(a.shape[0])}
         if self.loss_name == "cloob":
             metrics["inv_tau"] = self.head.log_inv_tau.detach().exp()

@@ -3,7 +3,8 @@
 A ``copy.deepcopy`` of the student with gradients off, never an alias (DESIGN.md): aliasing the student
 makes the "teacher" follow every step and the targets chase themselves. It lives inside the objective,
 so its weights are in every checkpoint's ``model.safetensors`` and a resumed run restores it exactly.
-It stays in eval mode (no dropout, no layer drop), as fairseq's and DINO's teachers do."""
+It stays in eval mode (no dropout, no layer drop), as fairseq's and DINO's teachers do. Under
+``trainer.strategy=fsdp`` it is sharded like the student and updated on the local shards."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mmssl.lora import LoRALinear
 
@@ -30,6 +32,20 @@ def effective_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]
             yield f"{owner}.{leaf}", (p + lora[owner].delta_weight().to(p.dtype)) if leaf == "weight" else p
         else:
             yield n, p
+
+
+def _local_pair(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors an update works on: under FSDP (``trainer.strategy=fsdp``) teacher and student are
+    DTensors sharded alike, and the update runs on this rank's local shards, shard by shard (no
+    gathering); otherwise the tensors themselves."""
+    if isinstance(t, DTensor) != isinstance(s, DTensor):
+        raise TypeError("the EMA teacher and its student must be sharded alike (both or neither)")
+    if isinstance(t, DTensor):
+        if t.placements != s.placements or t.shape != s.shape:
+            raise ValueError(f"teacher shard {t.placements} {tuple(t.shape)} does not line up with the student's "
+                             f"{s.placements} {tuple(s.shape)}")
+        return t.to_local(), s.to_local()
+    return t, s
 
 
 class EMATeacher(nn.Module):
@@ -70,7 +86,8 @@ class EMATeacher(nn.Module):
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         if momentum < 1.0:
             for t, s in self._pairs(student):
-                t.lerp_(s.detach().to(t.dtype), 1.0 - momentum)
+                local_t, local_s = _local_pair(t, s)
+                local_t.lerp_(local_s.detach().to(t.dtype), 1.0 - momentum)
         theirs = dict(student.named_buffers())
         for n, tb in self.module.named_buffers():
             if n in theirs:

@@ -1,9 +1,15 @@
 """Atomic checkpoints: safetensors weights, the optimizer state through torch.save (read back with
-weights_only=True), RNG states and data positions as tensors/JSON. Nothing here unpickles code."""
+weights_only=True), RNG states and data positions as tensors/JSON. Nothing here unpickles code.
+
+Under ``trainer.strategy=fsdp`` weights and optimizer state are a ``torch.distributed.checkpoint``
+folder (``dcp/``: every rank writes its shards, tensors plus a metadata file, no pickled code run on
+load) in the same temporary checkpoint folder, moved into place by the same rename; DCP reshards on
+load, so such a checkpoint resumes at another world size."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,14 +55,122 @@ def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
     faults.point("ckpt_rank_state")
 
 
-def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
-           names: list[str], ckpt_root: Path) -> None:
-    """Rank 0: add weights, optimizer and meta, then move the folder into place under each name."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder inside a checkpoint (trainer.strategy=fsdp)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter names (DTensor shards under FSDP, plain tensors in
+    one process): the form torch.distributed.checkpoint saves and reshards on load."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def save_sharded(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank: its shards of weights and optimizer state into ``tmp/dcp`` (torch.distributed.checkpoint;
+    rank 0 adds the metadata). A failed write is an OSError on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+    except CheckpointException as e:
+        errs = [f for f in getattr(e, "failures", {}).values()]
+        first = next((x for x in errs if isinstance(x, OSError)), None)
+        raise OSError(getattr(first, "errno", None), (getattr(first, "strerror", None) or str(e).splitlines()[0])) from None
     faults.point("ckpt_weights")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    faults.point("ckpt_optimizer")
+
+
+#: what a DCP ``.metadata`` file may name: its own record types, tensor sizes, dtypes and layouts
+_DCP_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
+_DCP_NAMES = {("torch", "Size"), ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"),
+              ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"), ("torch", "uint8"),
+              ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
+              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+              ("builtins", "getattr")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its ``.metadata`` with pickle; read it naming DCP's own record classes only, so a
+    crafted file cannot run code (the tensors and other entries DCP reads with weights_only=True)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_DCP_MODULES) or (module, name) in _DCP_NAMES:
+            if (module, name) == ("builtins", "getattr"):
+                return _safe_getattr
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _safe_getattr(obj: Any, name: str) -> Any:
+    # dtypes and memory formats pickle as getattr(torch, "float32"); nothing else may be looked up
+    if obj is torch and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+        return getattr(torch, name)
+    raise pickle.UnpicklingError(f"getattr({obj!r}, {name!r}) is not part of a checkpoint's metadata")
+
+
+def _reader(path: Path) -> Any:
+    """A FileSystemReader whose metadata is read by ``_MetadataUnpickler``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            with open(self._get_metadata_path(rank), "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                    raise BadFileError(Path(self._get_metadata_path(rank)), f"is not a checkpoint's metadata ({e})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore weights and optimizer from ``path/dcp`` into this run's layout, whatever the world size
+    that wrote it (DCP reads the slices each shard needs), and this rank's RNG if the checkpoint has
+    one. -> (trainer meta, this rank's state or None where the writing run had fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    meta = read_json_object(path / "trainer.json", "a checkpoint's trainer.json", ("step",))
+    if not (path / SHARDED / ".metadata").exists():
+        raise MissingFileError(path, "holds no sharded weights (dcp/): it was written under trainer.strategy=ddp; "
+                               "resume with trainer.strategy=ddp")
+    if optimizer is None:
+        raise ValueError("a sharded checkpoint is restored together with its optimizer")
+    state = _dcp_state(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=_reader(path / SHARDED))
+    except BadFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 (DCP wraps every rank's failure into one exception)
+        raise BadFileError(path / SHARDED, f"does not fit this run's model ({str(e).splitlines()[0][:200]})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    if not rng_file.exists():
+        return meta, None
+    rank_state = read_json_object(path / f"state_rank{rank}.json", "a checkpoint's per-rank state")
+    set_rng_state(read_safetensors(rng_file, "a checkpoint's RNG state"))
+    return meta, rank_state
+
+
+def finish(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+           names: list[str], ckpt_root: Path, weights: bool = True) -> None:
+    """Rank 0: add weights and optimizer (unless the ranks wrote them sharded already: ``weights``
+    False) and meta, then move the folder into place under each name."""
+    if weights:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        faults.point("ckpt_weights")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        faults.point("ckpt_optimizer")
     (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     for i, name in enumerate(names):
         dst = ckpt_root / name

@@ -20,7 +20,7 @@ nothing of modalities."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,8 +61,11 @@ class Monitor:
     """``due(step, max_steps)`` says when; ``evaluate(step)`` returns the ``event: eval`` record."""
 
     def __init__(self, objective: Objective, source: DataSource, t: dict[str, Any], device: torch.device,
-                 max_len: MaxLen, autocast_dtype: torch.dtype | None) -> None:
+                 max_len: MaxLen, autocast_dtype: torch.dtype | None,
+                 call: Callable[..., Any] | None = None) -> None:
         self.objective, self.source, self.device = objective, source, device
+        # how an encoder is called outside the objective's forward (FSDP gathers the root's shards first)
+        self.call = call or (lambda fn, *a, **k: fn(*a, **k))
         self.max_len, self.autocast_dtype = max_len, autocast_dtype
         self.every = int(t.get("eval_every", 0) or 0)
         self.items = int(t.get("eval_items", 512))
@@ -119,7 +122,7 @@ class Monitor:
         feats = []
         for b in batches:
             with self._autocast():
-                feats.append(enc.embed(self._on_device(b)).float())
+                feats.append(self.call(enc.embed, self._on_device(b)).float())
         return torch.cat(feats)
 
     def _knn(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmssl import faults
 from mmssl.data.loader import DataSource, MaxLen, TrainStream, iter_split, train_loader
@@ -31,11 +30,13 @@ from mmssl.errors import CheckpointWriteError, ConfigError
 from mmssl.export import load_encoder, save_encoder, save_heads
 from mmssl.lora import LoRALinear, apply_lora, merge_lora
 from mmssl.objectives.base import Objective, PrepareContext
+from mmssl.train import accumulate, fsdp
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import DistInfo, any_true, barrier
 from mmssl.train.logger import MetricsLogger, plot_loss, plot_schedule
 from mmssl.train.monitor import Monitor, describe
 from mmssl.train.schedule import lr_factor, phases, trainer_schedule
+from mmssl.train.strategy import Strategy
 from mmssl.types import Batch
 
 
@@ -204,8 +205,8 @@ class Trainer:
             self.evaluate()
             self.checkpoint()
         self.progress.close()
+        self.export("encoders", pos.step)  # every rank: a sharded objective is gathered first
         if self.dist.is_main:
-            self.export("encoders", pos.step)
             self._plots()
         barrier(self.dist)
         self.logger.close()
@@ -217,19 +218,24 @@ class Trainer:
         the init= weights, the objective prepared (peft applied), the optimizer, the resumed position,
         DDP, the training stream, the log interval, progress and monitor."""
         t = self.t
-        self.max_steps, self.accum = int(t["max_steps"]), int(t.get("grad_accum", 1))
+        self.max_steps, self.accum = int(t["max_steps"]), int(t.get("accumulate", 1))
         self.workers = int(t.get("num_workers", 0))
         self.sched = trainer_schedule(t)  # checked before anything is written
         check_peft(self.objective, t)
+        self.strategy = Strategy(t, self.dist, self.device)
+        self.strategy.check(self.objective)
         self.objective.to(self.device)
         resume_from = self._start()
         self._prepare()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.objective, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
-            betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
-            fused=self.device.type == "cuda")
-        self.pos = _Position() if resume_from is None else self._resume(resume_from)
-        self.model = self._wrap(fresh=resume_from is None)
+        if self.strategy.sharded_checkpoints:
+            # sharding replaces the parameters: the optimizer, then the sharded checkpoint, come after it
+            self.model = self._wrap(fresh=resume_from is None)
+            self.optimizer = self._optimizer()
+            self.pos = _Position() if resume_from is None else self._resume(resume_from)
+        else:
+            self.optimizer = self._optimizer()
+            self.pos = _Position() if resume_from is None else self._resume(resume_from)
+            self.model = self._wrap(fresh=resume_from is None)
         self.loader = self._stream()
         self.log_every, self.ckpt_every = int(t.get("log_every", 10)), int(t.get("ckpt_every", 0))
         # checkpoints/last is refreshed at least this often, so a killed run loses minutes, not the run
@@ -238,7 +244,8 @@ class Trainer:
         self.interval = _Interval(self.device, len(self.source.mixture or []))
         self.progress = _Progress(self.max_steps, self.pos.step,
                                   enabled=self.dist.is_main and bool(t.get("progress", True)))
-        self.monitor = Monitor(self.objective, self.source, t, self.device, self.max_len, self.autocast_dtype)
+        self.monitor = Monitor(self.objective, self.source, t, self.device, self.max_len, self.autocast_dtype,
+                               call=self.strategy.call(self.objective))
         self.objective.train()
 
     def train_step(self) -> _Step | None:
@@ -249,22 +256,15 @@ class Trainer:
         lr = float(self.t["lr"]) * lr_factor(pos.step, **self.sched)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        step_loss = torch.zeros((), device=self.device)
-        metrics: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for micro in range(accum):
-            batch = self._next_batch()
-            last = micro == accum - 1 or not self.dist.enabled
-            sync = contextlib.nullcontext() if last else self.model.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                      enabled=self.autocast_dtype is not None):
-                out = self.model(batch)
-                loss = out.loss / accum
-            loss.backward()
-            step_loss += loss.detach()
-            for k, v in out.metrics.items():
-                metrics[k] += torch.as_tensor(v, device=self.device).detach().float() / accum
+        if accum > 1 and getattr(obj, "accumulates_features", False):
+            batches = [self._next_batch() for _ in range(accum)]
+            step_loss, metrics = accumulate.features(self.model, batches, self._precision, self._sync, self.device)
+        else:
+            batches_iter = (self._next_batch() for _ in range(accum))
+            step_loss, metrics = accumulate.plain(self.model, batches_iter, accum, self._precision, self._sync,
+                                                  self.device)
         clip = float(self.t.get("clip_grad", 0.0))
-        norm = torch.nn.utils.clip_grad_norm_(obj.parameters(), clip if clip > 0 else float("inf"))
+        norm = self.strategy.clip_grad_norm(obj, clip if clip > 0 else float("inf"))
         if any_true(~torch.isfinite(norm) | ~torch.isfinite(step_loss), self.dist):
             self.optimizer.zero_grad(set_to_none=True)
             pos.counters["skipped_steps"] += 1
@@ -331,16 +331,22 @@ class Trainer:
         tmp = ckpt.tmp_dir(self.ckpt_root, f"step_{pos.step}")
         barrier(self.dist)
         failed: OSError | None = None
+        sharded = self.strategy.sharded_checkpoints
         try:
             ckpt.write_rank_state(tmp, self.dist.rank, {"roles": {str(k): v for k, v in pos.roles.items()}})
         except OSError as e:
             failed = e
+        if sharded and not any_true(torch.tensor(failed is not None, device=self.device), self.dist):
+            try:  # every rank writes its own shards (torch.distributed.checkpoint) into the same folder
+                ckpt.save_sharded(tmp, self.objective, self.optimizer)
+            except OSError as e:
+                failed = e
         barrier(self.dist)
         if self.dist.is_main and failed is None:
             meta = {"step": pos.step, "consumed_batches": pos.consumed, "world_size": self.dist.world,
-                    "num_workers": self.workers, **pos.counters}
+                    "num_workers": self.workers, "strategy": self.strategy.name, **pos.counters}
             try:
-                ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root)
+                ckpt.finish(tmp, self.objective, self.optimizer, meta, names, self.ckpt_root, weights=not sharded)
             except OSError as e:
                 failed = e
         # every rank learns of a failed write (a full disk): all stop together, none waits for a peer
@@ -355,13 +361,25 @@ class Trainer:
     def export(self, which: str, step: int) -> None:
         """The towers (LoRA merged) under ``which``/ (encoders/, or encoders_init/ before training) and
         the objective's heads beside them (heads/, heads_init/)."""
+        obj = self.objective
+        towers, heads = obj.exported(), obj.heads()
+        if fsdp.is_sharded(obj):
+            # plain full safetensors whatever the strategy: the shards gathered onto rank 0 (every rank
+            # takes part), so load_encoder and the evaluators read the same files
+            full = fsdp.full_state(obj)
+            if not self.dist.is_main:
+                return
+            towers = {m: fsdp.view_of(tw, obj, full) for m, tw in towers.items()}
+            heads = {n: fsdp.view_of(h, obj, full) for n, h in heads.items()}
+        elif not self.dist.is_main:
+            return
         faults.point("export")
-        extra: dict[str, Any] = {"objective": self.objective.name, "step": step}
+        extra: dict[str, Any] = {"objective": obj.name, "step": step}
         if self.cfg.get("init"):
             extra["init"] = str(self.cfg["init"])
-        for m, tower in self.objective.exported().items():
+        for m, tower in towers.items():
             save_encoder(exportable(tower), self.run_dir / which / m, extra=extra)  # type: ignore[arg-type]
-        save_heads(self.objective.heads(), self.run_dir / which.replace("encoders", "heads"))
+        save_heads(heads, self.run_dir / which.replace("encoders", "heads"))
 
     # -- setup's helpers ------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -378,8 +396,7 @@ class Trainer:
         if resume_from is None:
             # the evaluators' random-init baseline: the freshly built weights, saved before init= may
             # load pretrained ones (a continued run's "random init" must not be its starting checkpoint)
-            if self.dist.is_main:
-                self.export("encoders_init", 0)
+            self.export("encoders_init", 0)
             if self.cfg.get("init"):
                 self._load_init(str(self.cfg["init"]))
                 self.objective.after_init()
@@ -412,7 +429,7 @@ class Trainer:
 
     def _prepare_ctx(self) -> PrepareContext:
         bs = int(self.cfg["data"].get("eval_batch_size", 32))
-        per_step = int(self.t["batch_size"]) * int(self.t.get("grad_accum", 1)) * self.dist.world
+        per_step = int(self.t["batch_size"]) * int(self.t.get("accumulate", 1)) * self.dist.world
         n_train = self.source.train_count()
         return PrepareContext(iter_split=lambda split: iter_split(self.source, split, bs),
                               device=self.device, run_dir=self.run_dir, cache_dir=self.cache_dir,
@@ -462,9 +479,20 @@ class Trainer:
 
     def _resume(self, path: Path) -> _Position:
         """Weights, optimizer and this rank's RNG from the checkpoint at ``path``; the run's position."""
-        meta, rank_state = ckpt.load(path, self.objective, self.optimizer, self.dist.rank, self.device)
-        if meta["world_size"] != self.dist.world:
-            raise ValueError(f"checkpoint was written by {meta['world_size']} processes, not {self.dist.world}")
+        if self.strategy.sharded_checkpoints:
+            meta, rank_state = ckpt.load_sharded(path, self.objective, self.optimizer, self.dist.rank)
+            if rank_state is None:  # more ranks than wrote it: this rank's stream and draws start fresh
+                torch.manual_seed(int(self.t["seed"]) + 7919 * self.dist.rank)
+                rank_state = {"roles": {}}
+            if meta["world_size"] != self.dist.world:
+                self._say(f"[mmssl] the checkpoint was written by {meta['world_size']} processes, this run has "
+                          f"{self.dist.world}: the shards are redistributed; the data streams of ranks "
+                          f"0..{min(meta['world_size'], self.dist.world) - 1} continue, others start")
+        else:
+            meta, rank_state = ckpt.load(path, self.objective, self.optimizer, self.dist.rank, self.device)
+            if meta["world_size"] != self.dist.world:
+                raise ValueError(f"checkpoint was written by {meta['world_size']} processes, not {self.dist.world} "
+                                 f"(trainer.strategy=fsdp checkpoints resume at another world size)")
         if meta["num_workers"] != self.workers:
             raise ValueError(f"checkpoint was written with trainer.num_workers={meta['num_workers']}; "
                              f"resume with the same value for an identical stream")
@@ -473,21 +501,30 @@ class Trainer:
         self._say(f"[mmssl] resumed from {path} at step {pos.step}")
         return pos
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.t
+        return torch.optim.AdamW(
+            param_groups(self.objective, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
+            betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
+            fused=self.device.type == "cuda")
+
     def _wrap(self, fresh: bool) -> nn.Module:
-        """The objective as the step calls it: under DDP wrapped (and, in a fresh run, the other ranks'
-        generators seeded apart), otherwise itself."""
-        obj = self.objective
-        if not self.dist.enabled:
-            return obj
-        # blocks skipped by layer drop leave parameters without gradients on some ranks
-        unused = bool(self.t.get("find_unused_parameters", False)) or any(
-            e.backbone_cfg.layer_drop > 0 for e in obj.encoders.values())
-        model = DDP(obj, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False, find_unused_parameters=unused)
-        if fresh and self.dist.rank > 0:
+        """The objective as the step calls it (``trainer.strategy``: DDP around it, or FSDP2 shards in
+        place; activation checkpointing first) and, in a fresh distributed run, the other ranks'
+        generators seeded apart."""
+        self.strategy.prepare(self.objective)
+        model = self.strategy.wrap(self.objective)
+        if self.dist.enabled and fresh and self.dist.rank > 0:
             # other ranks draw their own masks and dropout; rank 0 keeps the single-process stream
             torch.manual_seed(int(self.t["seed"]) + 7919 * self.dist.rank)
         return model
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def _sync(self, i: int, n: int) -> contextlib.AbstractContextManager:
+        return self.strategy.sync(i, n)
 
     def _stream(self) -> Iterator[Batch]:
         """This rank's training batches, from the resumed position on."""
