@@ -107,10 +107,10 @@ def test_fsdp_checkpoint_resumes_at_2_and_at_1(packed: Path, pairs: Path, tmp_pa
               overrides("data2vec", cut, packed, pairs, steps=3, **ck)], tmp_path, cache_dir)
     one = tmp_path / "one"
     shutil.copytree(cut, one)  # the same step-3 checkpoint, resumed by one process below
-    run_jobs([[*overrides("data2vec", cut, packed, pairs, steps=6, **ck), "resume=true"]], tmp_path, cache_dir)
+    run_jobs([[*overrides("data2vec", cut, packed, pairs, steps=6, **ck), "resume=true", "allow_config_change=true"]], tmp_path, cache_dir)
     assert_same_losses(losses(full), losses(cut), list(range(1, 7)))
 
-    run_jobs([[*overrides("data2vec", one, packed, pairs, steps=5, **ck), "resume=true"]], tmp_path, cache_dir, nproc=1)
+    run_jobs([[*overrides("data2vec", one, packed, pairs, steps=5, **ck), "resume=true", "allow_config_change=true"]], tmp_path, cache_dir, nproc=1)
     got = losses(one)
     assert sorted(got) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in got.values())
     meta = json.loads((one / "checkpoints" / "last" / "trainer.json").read_text())
@@ -119,7 +119,7 @@ def test_fsdp_checkpoint_resumes_at_2_and_at_1(packed: Path, pairs: Path, tmp_pa
     assert abs(got[4] - losses(full)[4]) < 0.2 * abs(losses(full)[4])
 
     # 1 -> 2: the 1-process checkpoint (step 5) resumed by 2 processes
-    run_jobs([[*overrides("data2vec", one, packed, pairs, steps=7, **ck), "resume=true"]], tmp_path, cache_dir)
+    run_jobs([[*overrides("data2vec", one, packed, pairs, steps=7, **ck), "resume=true", "allow_config_change=true"]], tmp_path, cache_dir)
     meta = json.loads((one / "checkpoints" / "last" / "trainer.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 7
     assert sorted(losses(one)) == list(range(1, 8))
