@@ -11,7 +11,8 @@
   mmssl data fetch NAME [cache_dir=DIR] [force=true]                 (a real set; then data=real-NAME)
   mmssl data pack modality=[A,B] src=DIR|FILE.csv|FILE.jsonl out=DIR [file_column= caption_column=]  (captions)
   mmssl reconstruct modality=M encoder=RUN src=CASE_DIR out=DIR      (the parts a sample lacks)
-  mmssl convert FORMAT SRC OUT [key=value ...]                       (mmssl convert: the formats)
+  mmssl convert SRC OUT [format=auto|fairseq|hf|torchaudio|timm] [modality=M] [key=value ...]
+                                                                     (format auto: detected and named)
   mmssl export hf|timm RUN OUT [modality=M] [key=value ...]          (to transformers / timm)
   mmssl list
 
@@ -203,17 +204,23 @@ def cache_dir_of(given: str | None) -> Path:
 
 
 def cmd_convert(args: list[str]) -> int:
+    """``mmssl convert SRC OUT [format=auto|NAME] [modality=M] [key=value ...]``; the older
+    ``mmssl convert NAME SRC OUT`` spelling stays (``mmssl.convert``: the formats, aliases, detection)."""
     from mmssl.config import UsageError
-    from mmssl.convert import CONVERTERS
+    from mmssl.convert import ALIASES, CONVERTERS, convert
 
     pos = [a for a in args if "=" not in a]
-    if len(pos) != 3 or pos[0] not in CONVERTERS:
-        raise UsageError("usage: mmssl convert {" + "|".join(CONVERTERS) + "} SRC OUT [key=value ...]  (SRC: "
-                         + "; ".join(f"{k}: {c.reads}" + (f" [{'= '.join(c.keys)}=]" if c.keys else "")
-                                     for k, c in CONVERTERS.items()) + ", saved with torch.save)")
-    conv = CONVERTERS[pos[0]]
-    out = conv.run(Path(pos[1]), Path(pos[2]), _kv([a for a in args if "=" in a], conv.keys))
-    print(f"converted {pos[1]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
+    kv = _kv([a for a in args if "=" in a], {"format", "modality", *{k for c in CONVERTERS.values() for k in c.keys}})
+    if len(pos) == 3 and (pos[0] in CONVERTERS or pos[0] in ALIASES) and "format" not in kv:
+        kv["format"], pos = pos[0], pos[1:]
+    if len(pos) != 2:
+        raise UsageError("usage: mmssl convert SRC OUT [format=auto|" + "|".join(CONVERTERS) + "] [modality=M] "
+                         "[key=value ...]  (SRC: " + "; ".join(
+                             f"{k}: {c.reads}" + (f" [{'= '.join(c.keys)}=]" if c.keys else "")
+                             for k, c in CONVERTERS.items()) + ")")
+    fmt, modality = kv.pop("format", "auto"), kv.pop("modality", None)
+    out, _ = convert(Path(pos[0]), Path(pos[1]), fmt, modality, kv)
+    print(f"converted {pos[0]} -> {out} (load with mmssl.load_encoder({str(out)!r}))")
     return 0
 
 
