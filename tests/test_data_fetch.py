@@ -116,7 +116,7 @@ def test_fetch_klettres_letters_end_to_end(tmp_path: Path, fake_apt: Path, capsy
     said = capsys.readouterr().out
     assert "installs Debian package klettres-data, without root" in said and str(cache / "real/klettres") in said
     assert "licences: klettres-data 4:1.0-1: GPL-2+, GFDL-NIV-1.2+" in said
-    out = cache / "real/klettres/v1"
+    out = cache / "real/klettres/v2"
     meta = json.loads((out / "meta.json").read_text())
     # A-Z names of the Latin voices only: en A B C, fr A B C, de A B C (Ä is not A-Z), cs A B; ru left out
     assert meta["classes"] == ["A", "B", "C"]

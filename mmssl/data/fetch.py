@@ -52,6 +52,7 @@ class RealSet:
     test: float = 0.2
     num_shards: int = 8
     extra_licence: str = ""  # where the data is not a package's file (the archive's own index)
+    per_package_root: bool = False  # unpack each package into root/<package> (build tells them apart)
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,18 +123,30 @@ def deb_field(deb: Path, key: str) -> str:
     return run_tool(["dpkg-deb", "-f", str(deb), key]).strip()
 
 
+#: licence names looked for in a free-text (pre-DEP-5) copyright file
+LICENCE_WORDS = re.compile(r"\b(BSD|L?GPL[-\w.+]*|MIT|Apache[- ]?[\d.]*|CC0[-\d.]*|CC-BY[-\w.]*|public domain|"
+                           r"OFL[-\d.]*|SIL Open Font License|Artistic)\b", re.I)
+
+
 def licences(copyright_text: str) -> list[str]:
-    """The licence names a Debian copyright file declares (its ``License:`` lines), in order."""
+    """The licence names a Debian copyright file declares: its ``License:`` lines, in order; for a
+    free-text file without them, the licence names it mentions, marked as read from free text."""
     out: list[str] = []
     for m in re.finditer(r"^License:[ \t]*(\S[^\n]*)$", copyright_text, re.M):
         if m.group(1).strip() not in out:
             out.append(m.group(1).strip())
+    if not out:
+        for m in LICENCE_WORDS.finditer(copyright_text):
+            name = f"{m.group(1)} (named in free text)"
+            if name.lower() not in (o.lower() for o in out):
+                out.append(name)
     return out
 
 
-def download(packages: tuple[str, ...], debs: Path, root: Path, lic_dir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def download(packages: tuple[str, ...], debs: Path, root: Path, lic_dir: Path, log: Callable[[str], None],
+             per_package_root: bool = False) -> list[dict[str, Any]]:
     """``apt-get download`` each package into ``debs`` (skipped when there), ``dpkg-deb -x`` it into
-    ``root``, copy its copyright file into ``lic_dir``; one record per package."""
+    ``root`` (or ``root/<package>``), copy its copyright file into ``lic_dir``; one record per package."""
     debs.mkdir(parents=True, exist_ok=True)
     lic_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -146,9 +159,11 @@ def download(packages: tuple[str, ...], debs: Path, root: Path, lic_dir: Path, l
             if not have:
                 raise FetchError(f"`apt-get download {pkg}` wrote no {pkg}_*.deb into {debs}")
         deb = have[-1]
-        log(f"  dpkg-deb -x {deb.name} {root}")
-        run_tool(["dpkg-deb", "-x", str(deb), str(root)])
-        cr = root / "usr" / "share" / "doc" / pkg / "copyright"
+        into = root / pkg if per_package_root else root
+        log(f"  dpkg-deb -x {deb.name} {into}")
+        into.mkdir(parents=True, exist_ok=True)
+        run_tool(["dpkg-deb", "-x", str(deb), str(into)])
+        cr = into / "usr" / "share" / "doc" / pkg / "copyright"
         if not cr.is_file():
             raise FetchError(f"{deb.name} ships no /usr/share/doc/{pkg}/copyright: its licence is unknown, not packed")
         text = cr.read_text(encoding="utf-8", errors="replace")
@@ -184,7 +199,7 @@ def fetch(name: str, cache_dir: Path, force: bool = False, log: Callable[[str], 
         log(f"already fetched: {out}")
         return out
     root, tree = d / "root", d / "tree"
-    records = download(s.packages, d / "debs", root, d / "LICENSES", log)
+    records = download(s.packages, d / "debs", root, d / "LICENSES", log, s.per_package_root)
     if tree.exists():
         shutil.rmtree(tree)
     tmp = d / "tree.tmp"
