@@ -89,6 +89,8 @@ def _single(src: Path, hf: dict[str, Any], sd: dict[str, Tensor], kind: str, kv:
         rest = {k: v for k, v in sd.items() if k not in used}
         state = {**plan_in(rest, vision_plan(int(cfg["backbone"]["depth"]), "embeddings.mask_token" in sd), heads, what),
                  **special}
+    if "mask_embedding" in state:
+        state["mask_embedding"] = state["mask_embedding"].reshape(-1)  # ViT's mask_token is [1, 1, D]
     enc = build_encoder(cfg)
     template = enc.state_dict()
     if "mask_embedding" not in state:
