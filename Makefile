@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 # 2 cores: the trainer uses them all; loader workers decode audio beside it
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench-gpu bench-smoke
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every benchmark with its reference, one call: on a GPU machine without a package registry, put the
+# missing wheels (open_clip, webdataset, hydra, soundfile, nibabel, ...) in $(WHEELS); they install into
+# a temporary folder, nothing is installed system-wide. Results: $(BENCH_OUT)/summary.md and *.json.
+WHEELS    ?= .whl
+BENCH_OUT ?= bench/out
+bench-gpu:
+	S=$$(mktemp -d) && if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+	  python3 -m pip install -q --no-index --no-deps --no-compile --target $$S $(WHEELS)/*.whl; fi && \
+	PYTHONPATH=$$S:$$PWD python3 bench/run_all.py --device cuda --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run_all.py --device cpu --smoke --out runs/bench-smoke
 
 lint: $(STAMP)
 	$(BIN)/ruff check mmssl modalities eval tests bench

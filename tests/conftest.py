@@ -68,3 +68,19 @@ def tiny_overrides(data: Path, run_dir: Path, steps: int = 4, **extra: str) -> l
           "modality.speech.adapter.pos_conv_groups": "4"}
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="session")
+def bench_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``bench/run_all.py --device cpu --smoke`` run (what ``make bench-gpu`` runs on a device, at
+    smoke sizes): every benchmark's JSON and log and ``summary.json`` in the returned folder. The
+    benchmark smoke tests read it, so each benchmark runs once per session."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("bench-smoke")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "run_all.py"), "--device", "cpu", "--smoke",
+                           "--out", str(out)], check=False, cwd=root, capture_output=True, text=True, timeout=900)
+    (out / "run_all.stdout").write_text(proc.stdout + proc.stderr)
+    return out

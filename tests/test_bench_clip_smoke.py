@@ -1,34 +1,22 @@
-"""Smoke test of bench/clip_step.py: the CPU smoke mode runs mmssl and open_clip sides and the loss check.
-
-It runs in this process (``main(argv)``), so it shares the already imported torch and open_clip
-instead of paying for them again in a subprocess; the thread count and sys.path are restored."""
+"""Smoke test of bench/clip_step.py: the CPU smoke mode runs mmssl and open_clip sides and the loss check
+(run once per session by bench/run_all.py, the ``bench_smoke`` fixture)."""
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("open_clip")
 
 
-def test_clip_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    saved_path, saved_threads = list(sys.path), torch.get_num_threads()
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import clip_step
-
-        out = tmp_path / "clip.json"
-        clip_step.main(["--device", "cpu", "--smoke", "--out", str(out)])
-    finally:
-        sys.path[:] = saved_path
-        torch.set_num_threads(saved_threads)
-    stdout = capsys.readouterr().out
-    assert "| mmssl |" in stdout and "| ref |" in stdout and "command: python bench/clip_step.py" in stdout, stdout
+def test_clip_bench_smoke(bench_smoke: Path) -> None:
+    out = bench_smoke / "clip.json"
+    assert out.exists(), (bench_smoke / "run_all.stdout").read_text()[-4000:]
+    stdout = (bench_smoke / "clip.log").read_text()
+    assert "| mmssl |" in stdout and "| ref |" in stdout and "bench/clip_step.py --device cpu --smoke" in stdout, stdout
     res = json.loads(out.read_text())
     assert res["complete"] and res["settings"]["batch"] == 4 and res["settings"]["text_len"] == 16
 
