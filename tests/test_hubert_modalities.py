@@ -17,6 +17,9 @@ from mmssl.factory import build_encoder, build_objective, encoder_config
 from mmssl.objectives.base import PrepareContext
 
 MODALITIES = ["speech", "image", "text", "point", "eeg", "mri"]
+# the default suite keeps one modality per test (the whole file takes minutes on 2 cores); -m slow runs all six
+FAST = {"image"}
+PARAMS = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in MODALITIES]
 
 
 def _setup(modality: str, cache_dir: Path, **objective: object):
@@ -39,7 +42,7 @@ def _setup(modality: str, cache_dir: Path, **objective: object):
     return obj, enc, ctx, train
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", PARAMS)
 def test_unit_features_align_with_the_tokens(modality: str, cache_dir: Path) -> None:
     _, enc, _, batch = _setup(modality, cache_dir)
     feats, pad = enc.adapter.unit_features(batch)
@@ -71,7 +74,7 @@ def _nearest(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return d.argmin(-1)
 
 
-@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("modality", PARAMS)
 def test_steps_and_loss_against_the_literal_loss(modality: str, cache_dir: Path) -> None:
     torch.manual_seed(0)
     obj, enc, ctx, batch = _setup(modality, cache_dir, assign="online")
