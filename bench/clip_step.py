@@ -179,7 +179,7 @@ def build_mmssl(shape: str):
 
 
 def mmssl_step_fn(model, obj, opt, batch, device, bf16: bool, clip: float) -> Callable[[], None]:
-    """mmssl's trainer step (mmssl/train/trainer.py, grad_accum 1) minus data loading and logging: lr
+    """mmssl's trainer step (mmssl/train/trainer.py, accumulate 1) minus data loading and logging: lr
     set, autocast forward, backward, the per-step loss and metric sums, clip_grad_norm_, the finite
     check (a host read), AdamW step, ``after_step``."""
     from mmssl.train.distributed import DistInfo, any_true

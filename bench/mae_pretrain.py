@@ -318,7 +318,7 @@ def normalise(imgs: torch.Tensor, mean: list[float], std: list[float]) -> torch.
 # Steps
 # ------------------------------------------------------------------------------------------------------
 def mmssl_step_fn(model, obj, opt, batch, device, bf16: bool, clip: float, lr: float) -> Callable[[], None]:
-    """mmssl's trainer step (mmssl/train/trainer.py, grad_accum 1), minus data loading and the
+    """mmssl's trainer step (mmssl/train/trainer.py, accumulate 1), minus data loading and the
     every-``log_every`` logging: lr set, autocast forward, backward, the per-step loss and metric sums,
     clip_grad_norm_, the finite check (a host read), AdamW step."""
     from mmssl.train.distributed import DistInfo, any_true

@@ -249,7 +249,7 @@ class Trainer:
         self.objective.train()
 
     def train_step(self) -> _Step | None:
-        """One optimizer step over ``grad_accum`` micro-batches (under DDP the gradients are synchronised
+        """One optimizer step over ``accumulate`` micro-batches (under DDP the gradients are synchronised
         on the last one only), clipped; None where it was skipped: a non-finite loss or gradient norm on
         any rank skips it on every rank, and more than ``max_nonfinite`` in a row stop the run."""
         obj, pos, accum = self.objective, self.pos, self.accum
