@@ -325,3 +325,79 @@ def test_pnmi_hand_computed() -> None:
     assert pnmi(labels[:4], units[:4]) == pytest.approx((h_l - 0.5 * math.log(2)) / math.log(2), rel=1e-12)
     # Purity: unit 0 -> 2 of label 0, unit 1 -> 1 of either: (2 + 1) / 4.
     assert purity(units, labels) == pytest.approx(0.75)
+
+
+def _separated_blobs(seed: int, k: int = 60, f: int = 16, n_per: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's make_blobs layout: centres uniform in [-10, 10]^f, unit variance; rows shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 20.0 * torch.rand(k, f, generator=g) - 10.0
+    lab = torch.arange(k).repeat_interleave(n_per)
+    x = centers[lab] + torch.randn(len(lab), f, generator=g)
+    perm = torch.randperm(len(x), generator=g)
+    return x[perm], lab[perm]
+
+
+def test_spare_centroids_find_every_separated_cluster() -> None:
+    # On well-separated clusters, k-means++ often leaves one without a seed while another gets two,
+    # and Lloyd cannot repair that (it costs ~25x the noise per row of the merged pair). Seeding
+    # k + 10% and merging the cheapest pairs (Ward) must land on the true partition every time.
+    plain_missed = 0
+    for seed in range(5):
+        x, lab = _separated_blobs(seed)
+        means = torch.zeros(60, 16).index_add_(0, lab, x) / 50
+        optimum = float(((x - means[lab]) ** 2).sum())
+        km = StreamingKMeans(k=60, seed=seed, device="cpu").fit(x)
+        assert km.inertia_ <= 1.001 * optimum, (seed, km.inertia_ / optimum)
+        # every unit is one true cluster
+        assert purity(km.predict(x), lab) == 1.0 and km.cluster_usage(km.predict(x))["used"] == 60
+        plain = StreamingKMeans(k=60, seed=seed, device="cpu", oversample=0.0).fit(x)
+        plain_missed += plain.inertia_ > 1.01 * optimum
+    assert plain_missed >= 1  # the spares are what makes the difference on this data
+
+
+def test_ward_merge_picks_the_cheapest_pair_and_the_exact_cost() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64) + 3.0 * torch.randn(6, 5, generator=g, dtype=torch.float64).repeat_interleave(50, 0)
+    lab = torch.arange(6).repeat_interleave(50)
+    lab[:7] = 1  # unequal sizes
+    counts = torch.bincount(lab, minlength=6)
+    c = torch.zeros(6, 5, dtype=torch.float64).index_add_(0, lab, x) / counts.unsqueeze(1)
+
+    def sse(rows: torch.Tensor) -> float:
+        return float(((rows - rows.mean(0)) ** 2).sum())
+
+    # literal: the SSE increase of every merge, from the rows themselves
+    rise = {(i, j): sse(x[(lab == i) | (lab == j)]) - sse(x[lab == i]) - sse(x[lab == j])
+            for i in range(6) for j in range(i + 1, 6)}
+    i, j = min(rise, key=rise.get)
+    km = StreamingKMeans(k=5, device="cpu")
+    merged = km._ward_merge(c.float(), counts, 5)
+    expect = torch.cat([c[:j], c[j + 1:]])
+    expect[i] = x[(lab == i) | (lab == j)].mean(0)
+    assert merged.shape == (5, 5)
+    assert torch.allclose(merged.double(), expect, atol=1e-5)
+    # the cost the merge uses is the literal rise
+    ni, nj = float(counts[i]), float(counts[j])
+    cost = ni * nj / (ni + nj) * float(((c[i] - c[j]) ** 2).sum())
+    assert cost == pytest.approx(rise[(i, j)], rel=1e-9)
+
+
+def test_argmin_helper_matches_torch() -> None:
+    from mmssl.kmeans import _argmin
+
+    d = torch.randn(257, 33, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_argmin(d, 1), d.argmin(1))
+    assert int(_argmin(d)) == int(d.argmin())
+    assert torch.equal(_argmin(d.T, 1), d.T.argmin(1))  # a non-contiguous view
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fit_matches_cpu() -> None:
+    x, _ = _separated_blobs(1)
+    x = x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))  # some overlap
+    cpu = StreamingKMeans(k=60, seed=0, device="cpu").fit(lambda: iter(x.split(700)))
+    gpu = StreamingKMeans(k=60, seed=0, device="cuda").fit(lambda: iter(x.split(700)))
+    assert gpu.centroids.device.type == "cuda"
+    assert gpu.inertia_ == pytest.approx(cpu.inertia_, rel=1e-3)
+    assert gpu.score(x.cuda()) == pytest.approx(gpu.inertia_, rel=1e-5)
+    assert gpu.predict(x.cuda()).device.type == "cuda"
