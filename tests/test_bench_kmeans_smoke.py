@@ -48,6 +48,7 @@ def test_smoke_run_reports_both_sides(bench, tmp_path: Path, capsys: pytest.Capt
         assert sum(f"| {name} |" in line for line in printed.splitlines()) == 2
     assert res["ratios"]["mmssl/ref"] == min(c["speedup_min"] for c in res["cases"].values())
     assert res["goal_met"] == (res["ratios"]["mmssl/ref"] >= 1.5 and res["inertia_ratio_max"] <= 1.001)
+    assert res["check"]["status"] == ("passed" if res["inertia_ratio_max"] <= 1.001 else "failed")
 
 
 def test_exact_inertia_is_the_literal_sum(bench) -> None:
