@@ -34,7 +34,7 @@ def test_smoke_run_reports_both_sides(bench, tmp_path: Path, capsys: pytest.Capt
     printed = capsys.readouterr().out
     assert res["smoke"] and res["threads"] == 1 and set(res["cases"]) == {"blobs", "mfcc"}
     for name, case in res["cases"].items():
-        assert (case["rows"], case["features"], case["k"]) == bench.CASES[name][1]
+        assert (case["rows"], case["features"], case["k"]) == bench.CASES[name][1]  # smoke sizes
         assert len(case["runs"]) == 2
         for run in case["runs"]:
             m, r = run["mmssl"], run["ref"]
@@ -49,6 +49,15 @@ def test_smoke_run_reports_both_sides(bench, tmp_path: Path, capsys: pytest.Capt
     assert res["ratios"]["mmssl/ref"] == min(c["speedup_min"] for c in res["cases"].values())
     assert res["goal_met"] == (res["ratios"]["mmssl/ref"] >= 1.5 and res["inertia_ratio_max"] <= 1.001)
     assert res["check"]["status"] == ("passed" if res["inertia_ratio_max"] <= 1.001 else "failed")
+
+
+def test_speech_case_reports_pnmi(bench, tmp_path: Path) -> None:
+    out = tmp_path / "speech.json"
+    assert bench.main(["--device", "cpu", "--smoke", "--cases", "speech", "--threads", "1", "--out", str(out)]) == 0
+    case = json.loads(out.read_text())["cases"]["speech"]
+    assert case["utterances"] == 20 and case["features"] == 39 and case["rows"] > 500
+    for side in ("mmssl", "ref"):
+        assert 0.0 < case["runs"][0][side]["pnmi"] <= 1.0
 
 
 def test_exact_inertia_is_the_literal_sum(bench) -> None:
