@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from mmssl.errors import BadFileError, torch_load_weights
@@ -39,3 +40,27 @@ def need(sd: dict[str, Tensor], key: str, what: str, hint: str = "") -> Tensor:
     if key not in sd:
         raise ValueError(f"cannot infer the {what}: the state dict has no {key!r}{hint}")
     return sd[key]
+
+
+#: (mmssl key, the source keys it is made of: one, or several concatenated along dim 0 as q, k, v)
+Plan = list[tuple[str, list[str]]]
+
+
+def apply_plan(sd: dict[str, Tensor], plan: Plan, skip: tuple[str, ...] = ()
+               ) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Source tensors -> mmssl tensors by ``plan``: ``(state, unused, unfilled)``, where ``unused`` are
+    the source keys no entry read (less those starting with ``skip``: heads left out on purpose) and
+    ``unfilled`` the planned keys whose sources are missing, each naming them. Callers turn a non-empty
+    ``unused`` or ``unfilled`` into their own one-line error."""
+    state: dict[str, Tensor] = {}
+    used: set[str] = set()
+    unfilled: list[str] = []
+    for dst, srcs in plan:
+        absent = [s for s in srcs if s not in sd]
+        if absent:
+            unfilled.append(f"{dst} (needs {', '.join(absent)})")
+            continue
+        state[dst] = torch.cat([sd[s] for s in srcs], 0) if len(srcs) > 1 else sd[srcs[0]]
+        used.update(srcs)
+    unused = sorted(k for k in sd if k not in used and not k.startswith(skip))
+    return state, unused, unfilled

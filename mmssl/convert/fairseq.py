@@ -38,6 +38,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from mmssl.convert.common import apply_plan
 from mmssl.convert.unpickle import load_checkpoint, plain
 from mmssl.errors import BadFileError, ConfigError
 
@@ -279,20 +280,11 @@ def encoder_state(ck: FairseqCheckpoint, cfg: dict[str, Any], enc: nn.Module | N
     from mmssl.factory import build_encoder
 
     sd = ck.model
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    unfilled: list[str] = []
-    for dst, srcs in key_plan(cfg, sd):
-        absent = [s for s in srcs if s not in sd]
-        if absent:
-            if dst == "mask_embedding":  # a fine-tuned file without one: HuBERT's uniform init, seeded
-                state[dst] = torch.rand(int(cfg["backbone"]["dim"]), generator=torch.Generator().manual_seed(0))
-                continue
-            unfilled.append(f"{dst} (needs {', '.join(absent)})")
-            continue
-        state[dst] = torch.cat([sd[s] for s in srcs], 0) if len(srcs) > 1 else sd[srcs[0]]
-        used.update(srcs)
-    unused = sorted(k for k in sd if k not in used and not k.startswith(SKIP))
+    state, unused, unfilled = apply_plan(sd, key_plan(cfg, sd), SKIP)
+    if any(u.startswith("mask_embedding ") for u in unfilled):
+        # a fine-tuned file without one: HuBERT's uniform init, seeded
+        unfilled = [u for u in unfilled if not u.startswith("mask_embedding ")]
+        state["mask_embedding"] = torch.rand(int(cfg["backbone"]["dim"]), generator=torch.Generator().manual_seed(0))
     if unused or unfilled:
         raise _problems(ck.path, unused, unfilled)
     enc = enc if enc is not None else build_encoder(cfg)

@@ -9,14 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from mmssl.convert.common import Plan, apply_plan
 from mmssl.errors import BadFileError, MissingFileError, read_json, read_json_object, read_safetensors
 
 #: a plan: (mmssl key, the transformers keys it is made of). One key is copied; several (q, k, v)
 #: are concatenated along dim 0 into mmssl's fused qkv, and split back on export.
-Plan = list[tuple[str, list[str]]]
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -78,17 +77,7 @@ def plan_in(sd: dict[str, Tensor], plan: Plan, skip: tuple[str, ...], what: str)
     """transformers tensors -> mmssl tensors by ``plan``. Every source key must be used or start with
     one of ``skip`` (heads left out on purpose), every planned mmssl key filled: else one error naming
     them all."""
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    unfilled: list[str] = []
-    for dst, srcs in plan:
-        absent = [s for s in srcs if s not in sd]
-        if absent:
-            unfilled.append(f"{dst} (needs {', '.join(absent)})")
-            continue
-        state[dst] = torch.cat([sd[s] for s in srcs], 0) if len(srcs) > 1 else sd[srcs[0]]
-        used.update(srcs)
-    unused = sorted(k for k in sd if k not in used and not k.startswith(skip))
+    state, unused, unfilled = apply_plan(sd, plan, skip)
     if unused or unfilled:
         raise problems(what, unused, unfilled)
     return state

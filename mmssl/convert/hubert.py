@@ -34,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from mmssl.convert.common import count_indexed, load_state_dict, need
+from mmssl.convert.common import apply_plan, count_indexed, load_state_dict, need
 from mmssl.encoder import Encoder
 from mmssl.export import save_encoder
 from mmssl.factory import build_encoder, encoder_config
@@ -165,17 +165,7 @@ def _convert(sd: dict[str, Tensor], heads: int | None, norm_first: bool | None
              ) -> tuple[dict[str, Any], dict[str, Tensor], Encoder]:
     sd = _normalise_keys(sd)
     cfg = infer_config(sd, heads, norm_first)
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    unfilled: list[str] = []
-    for dst, srcs in _plan(sd, cfg["backbone"]["depth"]):
-        absent = [s for s in srcs if s not in sd]
-        if absent:
-            unfilled.append(f"{dst} (needs {', '.join(absent)})")
-            continue
-        state[dst] = torch.cat([sd[s] for s in srcs], 0) if len(srcs) > 1 else sd[srcs[0]]
-        used.update(srcs)
-    unused = sorted(k for k in sd if k not in used and not k.startswith(HEAD_PREFIXES))
+    state, unused, unfilled = apply_plan(sd, _plan(sd, cfg["backbone"]["depth"]), HEAD_PREFIXES)
     if unused or unfilled:
         raise _problems(unused, unfilled)
 
