@@ -112,8 +112,9 @@ class Dictionary:
     """Pickled under fairseq's name (fairseq.data.dictionary.Dictionary): HuBERT's task_state holds its
     label dictionaries as such objects."""
 
-    def __init__(self, n: int) -> None:
-        self.symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in range(n)]
+    def __init__(self, n: int, order: list[int] | None = None) -> None:
+        # dict.km.txt's order (a frequency-sorted one need not be 0..n-1) after the 4 special symbols
+        self.symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in (order or range(n))]
         self.count = [1] * len(self.symbols)
         self.indices = {s: i for i, s in enumerate(self.symbols)}
         self.bos_index, self.pad_index, self.eos_index, self.unk_index, self.nspecial = 0, 1, 2, 3, 4
@@ -157,6 +158,8 @@ def convert(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *extra: st
 
 # -- HuBERT Base layout: cfg as an OmegaConf DictConfig, heads, task state ------------------------------
 K_UNITS, FINAL = 12, 16
+#: the label dictionary's unit order: fairseq's num_classes = len(dictionary) = 4 specials + K_UNITS
+ORDER = [3, 0, 11, 5, 1, 2, 4, 10, 6, 9, 7, 8]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,7 @@ def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Ten
         mask_length=10, no_mask_overlap=False, mask_min_space=1, mask_channel_prob=0.0,
         mask_channel_selection="static", mask_channel_other=0.0, mask_channel_length=10,
         no_mask_channel_overlap=False, mask_channel_min_space=1, skip_masked=False, skip_nomask=False,
-        num_classes=K_UNITS, final_dim=FINAL, feature_grad_mult=None)
+        num_classes=K_UNITS + 4, final_dim=FINAL, feature_grad_mult=None)
     perturb(ta, seed=1)
     ta.eval()
     sd = to_fairseq(ta.wav2vec2.state_dict(), "group_norm", False, "legacy")
@@ -181,7 +184,7 @@ def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Ten
                                      "sample_rate": 16000}, "common": {"seed": 1}})
     src = tmp_path_factory.mktemp("fairseq") / "hubert_base_tiny.pt"
     save_with_fairseq_names({"args": None, "cfg": cfg, "model": sd, **history(),
-                             "task_state": {"dictionaries": [Dictionary(K_UNITS)]}}, src)
+                             "task_state": {"dictionaries": [Dictionary(K_UNITS, ORDER)]}}, src)
     return ta, src, sd
 
 
@@ -205,14 +208,20 @@ def test_hubert_cfg_dictconfig_converts_and_matches(hubert, tmp_path, capsys) ->
 
 
 def test_hubert_heads_are_the_checkpoints(hubert, tmp_path, capsys) -> None:
-    """heads/hubert.safetensors holds final_proj and label_embs_concat, named as the hubert objective's."""
+    """heads/hubert.safetensors holds final_proj and label_embs_concat, named as the hubert objective's;
+    row u of label_embeddings is unit u's row of label_embs_concat through the label Dictionary (its 4
+    special symbols dropped, its unit order undone)."""
     from safetensors.torch import load_file
 
     _, src, sd = hubert
-    convert(src, tmp_path / "out", capsys, "format=fairseq", "modality=speech")
+    err = convert(src, tmp_path / "out", capsys, "format=fairseq", "modality=speech")
+    assert "12 unit embeddings: 4 special symbols dropped, rows in unit-id order" in err
     heads = load_file(str(tmp_path / "out" / "heads" / "hubert.safetensors"))
     assert set(heads) == {"final_proj.weight", "final_proj.bias", "label_embeddings"}
-    assert torch.equal(heads["label_embeddings"], sd["label_embs_concat"])
+    assert sd["label_embs_concat"].shape[0] == K_UNITS + 4 and heads["label_embeddings"].shape[0] == K_UNITS
+    rows = [4 + ORDER.index(u) for u in range(K_UNITS)]
+    assert torch.equal(heads["label_embeddings"], sd["label_embs_concat"][rows])
+    assert not torch.equal(heads["label_embeddings"], sd["label_embs_concat"][4:])  # the order matters here
     assert torch.equal(heads["final_proj.weight"], sd["final_proj.weight"])
     assert torch.equal(heads["final_proj.bias"], sd["final_proj.bias"])
     meta = json.loads((tmp_path / "out" / "heads" / "hubert.json").read_text())

@@ -74,6 +74,7 @@ class FairseqCheckpoint:
     config_from: str                   # "cfg" or "args"
     finetuned: str | None = None       # the wrapper's name (hubert_ctc, ...) for a fine-tuned file
     notes: list[str] = field(default_factory=list)
+    task_state: dict[str, Any] = field(default_factory=dict)  # HuBERT's label dictionaries, as plain dicts
 
 
 def looks_like_fairseq(obj: Any) -> bool:
@@ -118,7 +119,7 @@ def read_fairseq(path: str | Path) -> FairseqCheckpoint:
     arch = {**DEFAULTS, **{k: v for k, v in model_cfg.items() if v is not None}}
     if kind == "data2vec_audio" and "pos_conv_depth" not in model_cfg:
         arch["pos_conv_depth"] = 5  # Data2VecAudioConfig's default (conv_pos 95 over 5 convs)
-    return FairseqCheckpoint(path, sd, arch, task, kind, source, finetuned)
+    return FairseqCheckpoint(path, sd, arch, task, kind, source, finetuned, task_state=_section(obj.get("task_state")))
 
 
 def _kind(name: str, sd: dict[str, Tensor]) -> str | None:
@@ -300,9 +301,34 @@ def encoder_state(ck: FairseqCheckpoint, cfg: dict[str, Any], enc: nn.Module | N
 
 
 # -- heads ----------------------------------------------------------------------------------------------
+def _unit_rows(ck: FairseqCheckpoint, rows: int) -> tuple[list[int] | None, str]:
+    """Which rows of ``label_embs_concat`` are units 0..k-1, in order: fairseq's label ``Dictionary``
+    (``task_state``) puts its special symbols (``<s>``, ``<pad>``, ``</s>``, ``<unk>``) first and the
+    units in the order of ``dict.km.txt``; a label ``u`` is row ``indices[str(u)]``. -> (rows or None,
+    what was done, for the note)."""
+    dicts = ck.task_state.get("dictionaries") or ck.task_state.get("target_dictionary")
+    dicts = [d for d in (dicts if isinstance(dicts, list) else [dicts]) if isinstance(d, dict)]
+    if not dicts or not all(isinstance(d.get("symbols"), list) for d in dicts):
+        return None, "no label Dictionary in task_state: every row kept in the file's order"
+    sizes = [len(d["symbols"]) for d in dicts]
+    if sum(sizes) != rows:
+        return None, f"label dictionaries of {sizes} symbols for {rows} rows: every row kept in the file's order"
+    d = dicts[0]
+    nspecial = int(d.get("nspecial", 4))
+    symbols = [str(x) for x in d["symbols"][nspecial:]]
+    k = len(symbols)
+    if sorted(symbols) != sorted(str(u) for u in range(k)):
+        return None, "label symbols are not the unit ids 0..k-1: every row kept in the dictionary's order"
+    index = {str(x): i for i, x in enumerate(d["symbols"])}
+    more = f", label set 1 of {len(dicts)}" if len(dicts) > 1 else ""
+    return [index[str(u)] for u in range(k)], f"{nspecial} special symbols dropped, rows in unit-id order{more}"
+
+
 def hubert_head(ck: FairseqCheckpoint) -> tuple[nn.Module | None, str]:
     """HuBERT's projection and unit embeddings as the hubert objective's ``hubert`` head (``final_proj``,
-    ``label_embeddings``), or None with why (several label sets or an untied projection do not fit)."""
+    ``label_embeddings``), or None with why (an untied projection per label set does not fit). Row ``u``
+    of ``label_embeddings`` is unit ``u``'s embedding, read through the checkpoint's label dictionary
+    (``_unit_rows``), so mmssl's unit ids index it as fairseq's label ids index ``label_embs_concat``."""
     sd = ck.model
     if "label_embs_concat" not in sd or "final_proj.weight" not in sd:
         return None, "no final_proj / label_embs_concat"
@@ -310,6 +336,9 @@ def hubert_head(ck: FairseqCheckpoint) -> tuple[nn.Module | None, str]:
     if bool(ck.arch.get("untie_final_proj")) or w.shape[0] != emb.shape[1]:
         return None, (f"final_proj {tuple(w.shape)} projects to several label sets; the hubert objective "
                       f"predicts one")
+    rows, how = _unit_rows(ck, int(emb.shape[0]))
+    if rows is not None:
+        emb = emb[rows]
     head = nn.Module()
     head.final_proj = nn.Linear(int(w.shape[1]), int(w.shape[0]))
     head.label_embeddings = nn.Parameter(emb.detach().clone().float())
@@ -317,7 +346,7 @@ def hubert_head(ck: FairseqCheckpoint) -> tuple[nn.Module | None, str]:
         head.final_proj.weight.copy_(w)
         head.final_proj.bias.copy_(sd["final_proj.bias"])
     head.config = {"converted_from": "fairseq.hubert", "k": int(emb.shape[0]), "final_dim": int(emb.shape[1]),
-                   "logit_temp": float(ck.arch.get("logit_temp", 0.1))}
+                   "logit_temp": float(ck.arch.get("logit_temp", 0.1)), "label_rows": how}
     return head, ""
 
 
@@ -362,7 +391,8 @@ def convert_fairseq(src: Path, out: Path, kv: dict[str, str]) -> Path:
         if head is not None:
             heads["hubert"] = head
             kept.append(f"heads/hubert (final_proj {tuple(head.final_proj.weight.shape[::-1])}, "
-                        f"{head.config['k']} unit embeddings, logit_temp {head.config['logit_temp']})")
+                        f"{head.config['k']} unit embeddings: {head.config['label_rows']}; "
+                        f"logit_temp {head.config['logit_temp']})")
     elif ck.kind == "data2vec_audio" and (d2v := data2vec_head(ck)) is not None:
         heads["data2vec_head"] = d2v
         kept.append("heads/data2vec_head (final_proj)")
