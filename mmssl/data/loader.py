@@ -1,14 +1,31 @@
 """Data sources and streams.
 
 Training reads the train split as an infinite, resumable stream: each loader worker plays a *role*;
-role r of rank k reads round after round, round j being one shard drawn with a generator seeded by
-(seed, rank, role, j), shuffled, bucketed by length into batches. So the stream is a function of
-(seed, step), every rank gets the same number of batches, and a batch's position (role, round, batch
-within round) travels with it, which is all resume needs. webdataset's own node splitter, error
-handler and shard-count check are not used (DESIGN.md "Data").
+role r of rank k is the *slot* s = k x roles + r of S = world x roles slots across the whole job (every
+node, rank and worker). Shards are dealt to the slots like cards from an endless deck: the deck is
+epoch 0's shard permutation, then epoch 1's, ... (each drawn with a generator seeded by (seed, epoch)
+only, so every rank draws the same one), and round j of slot s reads the deck's card j x S + s. So in
+every epoch each shard is read by exactly one slot, once: no overlap between nodes, ranks or workers,
+nothing missing. The remainder rule: when the shard count N is not a multiple of S, the deal simply
+runs on into the next epoch's permutation (a round's cards may belong to two epochs); no shard is read
+twice before all N have been read once, and N < S works too. Within a round the shard is shuffled
+with a generator seeded by (seed, rank, role, round), bucketed by length into batches, and the
+``len % batch_size`` samples left over (a random choice each round) are left out of that round: a
+shard whose usable samples are a multiple of the batch size gives every one of them. So the stream is
+a function of (seed, step, world size, workers), every rank gets the same number of batches (it is
+infinite), and a batch's position (role, round, batch within round) travels with it, which is all
+resume needs. webdataset's own node splitter, error handler and shard-count check are not used
+(DESIGN.md "Data").
+
+Debug hook: with ``MMSSL_KEY_LOG=DIR`` in the environment, every slot appends one line per sample it
+yields, ``epoch<TAB>round<TAB>sample_id``, to ``DIR/keys-rank<k>-role<r>.tsv`` (written by the loader
+worker as the batch leaves it; a mixture's epoch column is -1). Off (and free) when unset; it is what
+tests/test_multinode.py counts.
 
 Several sources (``data.sources=[{...,weight:w}, ...]``, e.g. new data with replay of the old): each
-round first draws the source with the same seeded generator, then one shard of it. Source i is drawn
+round first draws the source with a generator seeded by (seed, rank, role, round), then one shard of it
+(with replacement: a weighted mixture has no epochs, so the exactly-once deal above applies to a single
+source only). Source i is drawn
 with probability proportional to w_i / (mean batches per shard of source i), so w_i / sum(w) is the
 expected fraction of *batches* from source i whatever the sources' shard sizes; the stream is still a
 function of (seed, step) and resume state is unchanged. A mixture's train split is the union of its
@@ -17,6 +34,7 @@ units stay right); validation, test and probes use the first source."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmssl.data.shards import BadSample, load_meta, read_samples, split_paths
@@ -254,10 +273,17 @@ class TrainStream(IterableDataset):
 
     def __init__(self, source: DataSource, batch_size: int, max_len: MaxLen, seed: int, rank: int,
                  num_roles: int, role_shift: int = 0, start: dict[int, tuple[int, int]] | None = None,
-                 on_error: str = "skip", bucket: bool = True) -> None:
+                 on_error: str = "skip", bucket: bool = True, world: int | None = None) -> None:
         self.source, self.batch_size, self.max_len = source, batch_size, max_len
         self.bucket = bucket
         self.seed, self.rank, self.num_roles, self.role_shift = seed, rank, num_roles, role_shift
+        # the job's process count: the started process group's (read here, in the main process), else 1
+        if world is None:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world} processes")
+        self.world = int(world)
+        self.key_log = os.environ.get("MMSSL_KEY_LOG") or None
         self.start = dict(start or {})
         self.on_error = on_error
         self.shards = split_paths(source.root, "train")
@@ -265,13 +291,25 @@ class TrainStream(IterableDataset):
         self.probs = mixture_probs(source, batch_size) if source.mixture else None
 
     def pick(self, g: torch.Generator) -> tuple[int | None, DataSource, Path]:
-        """A round's shard, drawn with the round's generator -> (source index or None, source, shard).
-        A mixture draws the source first, then one of its shards; one source draws the shard only."""
-        src, shards, which = self.source, self.shards, None
-        if self.probs is not None:
-            which = int(torch.multinomial(self.probs, 1, generator=g))
-            src, shards = self.parts[which]
+        """A mixture's round: the source drawn with the round's generator, then one of its shards ->
+        (source index, source, shard)."""
+        assert self.probs is not None
+        which = int(torch.multinomial(self.probs, 1, generator=g))
+        src, shards = self.parts[which]
         return which, src, shards[int(torch.randint(len(shards), (1,), generator=g))]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s shard permutation: the same on every rank and worker (seed and epoch only)."""
+        g = torch.Generator().manual_seed(_seed(self.seed, "epoch", epoch))
+        return torch.randperm(len(self.shards), generator=g).tolist()
+
+    def deal(self, role: int, rnd: int) -> tuple[int, Path]:
+        """A single source's round ``rnd`` of slot (rank, role) -> (epoch, shard): card
+        rnd x slots + slot of the deck of per-epoch permutations (module docstring)."""
+        slots = self.world * self.num_roles
+        card = rnd * slots + self.rank * self.num_roles + role
+        epoch, i = divmod(card, len(self.shards))
+        return epoch, self.shards[self.epoch_order(epoch)[i]]
 
     def __iter__(self) -> Iterator[Batch]:
         wi = get_worker_info()
@@ -279,7 +317,12 @@ class TrainStream(IterableDataset):
         rnd, k0 = self.start.get(role, (0, 0))
         while True:
             g = torch.Generator().manual_seed(_seed(self.seed, self.rank, role, rnd))
-            which, src, shard = self.pick(g)
+            if self.probs is not None:
+                which, src, shard = self.pick(g)
+                epoch = -1
+            else:
+                which, src = None, self.source
+                epoch, shard = self.deal(role, rnd)
             bad: Counter = Counter()
             items = list(read_samples([shard], src.decode, bad, self.on_error))
             items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
@@ -303,8 +346,18 @@ class TrainStream(IterableDataset):
                 batch["_bad"] = torch.tensor(sum(bad.values()) if k == 0 else 0)
                 if which is not None:
                     batch["_source"] = torch.tensor(which)
+                if self.key_log:
+                    self._log_keys(role, epoch, rnd, batch["sample_id"])
                 yield batch
             rnd, k0 = rnd + 1, 0
+
+
+    def _log_keys(self, role: int, epoch: int, rnd: int, ids: torch.Tensor) -> None:
+        """The MMSSL_KEY_LOG debug hook (module docstring): one line per sample yielded."""
+        path = Path(self.key_log) / f"keys-rank{self.rank}-role{role}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write("".join(f"{epoch}\t{rnd}\t{i}\n" for i in ids.tolist()))
 
 
 def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
