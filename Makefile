@@ -7,7 +7,7 @@ DEMO   ?= runs/demo
 # 2 cores: the trainer uses them all; loader workers decode audio beside it
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint clean bench-gpu bench-smoke
+.PHONY: install demo test lint clean bench-gpu bench-smoke test-interop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The opt-in interop suite (tests/interop): real fairseq (fairseq-fixed, an sdist that compiles its
+# C++ parts against torch: about 6 CPU-minutes) and transformers as oracles, in their own venv.
+IVENV  := .venv-interop
+IBIN   := $(IVENV)/bin
+ISTAMP := $(IVENV)/.installed
+$(ISTAMP): pyproject.toml
+	test -x $(IBIN)/python || $(PYTHON) -m venv $(IVENV)
+	$(IBIN)/python -m pip install -q --upgrade pip setuptools cython
+	$(IBIN)/python -m pip install -q torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+	$(IBIN)/python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
+	$(IBIN)/python -m pip install -q transformers==5.25.0 -e '.[dev]'
+	cd /tmp && $(CURDIR)/$(IBIN)/python -c "import mmssl.modalities.speech.adapter, fairseq, transformers"
+	touch $(ISTAMP)
+
+test-interop: $(ISTAMP)
+	$(IBIN)/python -m pytest -q -s -p no:warnings tests/interop
 
 # Every benchmark with its reference, one call: on a GPU machine without a package registry, put the
 # missing wheels (open_clip, webdataset, hydra, soundfile, nibabel, ...) in $(WHEELS); they install into

@@ -211,6 +211,10 @@ def speech_config(ck: FairseqCheckpoint) -> dict[str, Any]:
         frontend_norm="group_norm" if a["extractor_mode"] == "default" else "layer_norm",
         frontend_bias=bool(a["conv_bias"]), position="conv", pos_conv_kernel=kernel,
         pos_conv_groups=int(a["conv_pos_groups"]), pos_conv_depth=pos_depth, feature_dropout=float(a["dropout_input"]))
+    if bool(ck.task.get("normalize", False)):
+        # fairseq's dataset layer-norms each waveform (F.layer_norm(wav, wav.shape): zero mean, unit
+        # variance over the utterance, eps 1e-5) before the model: the adapter's waveform_normalize
+        cfg["adapter"]["waveform_normalize"] = True
     return cfg
 
 
@@ -412,6 +416,9 @@ def convert_fairseq(src: Path, out: Path, kv: dict[str, str]) -> Path:
     if skipped:
         notes.append(f"left out: {', '.join(skipped)}" + (f" ({why_not})" if why_not else ""))
     if normalize:
-        notes.append("the source model was trained on per-utterance normalised waveforms (task.normalize)")
+        applied = bool(getattr(enc.adapter, "waveform_normalize", False))
+        notes.append("the source model was trained on per-utterance normalised waveforms (task.normalize): "
+                     + ("the encoder applies it (adapter.waveform_normalize)" if applied else
+                        "feed it F.layer_norm(wav, wav.shape) per utterance (this mmssl's speech adapter does not)"))
     print("mmssl: " + "; ".join(notes), file=sys.stderr)
     return out
