@@ -69,6 +69,8 @@ class MAE(Objective):
         self.mask_mode = cfg.get("mask_mode") or "drop"
         if self.mask_mode not in ("drop", "replace"):
             raise ValueError(f"objective.mask_mode must be 'drop' or 'replace', not {self.mask_mode!r}")
+        if self.mask_mode == "drop" and isinstance(getattr(encoder, "mask_embedding", None), nn.Parameter):
+            encoder.mask_embedding.requires_grad_(False)  # hidden tokens are dropped: it never gets a gradient (DDP)
         size = encoder.config.get("size")
         dec = dict(PAPER_DECODER)
         dec.update((cfg.get("decoder_sizes") or {}).get(size) or {})

@@ -88,7 +88,7 @@ _DCP_NAMES = {("torch", "Size"), ("torch", "float32"), ("torch", "float16"), ("t
               ("torch", "float64"), ("torch", "int64"), ("torch", "int32"), ("torch", "int8"), ("torch", "uint8"),
               ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-              ("builtins", "getattr")}
+              ("builtins", "getattr"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}  # a path: StorageMeta.checkpoint_id
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -100,6 +100,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             if (module, name) == ("builtins", "getattr"):
                 return _safe_getattr
             return super().find_class(module, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):  # how torch pickles torch.strided
+            return _safe_layout
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
@@ -108,6 +110,13 @@ def _safe_getattr(obj: Any, name: str) -> Any:
     if obj is torch and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
         return getattr(torch, name)
     raise pickle.UnpicklingError(f"getattr({obj!r}, {name!r}) is not part of a checkpoint's metadata")
+
+
+def _safe_layout(name: str) -> torch.layout:
+    layout = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"{name!r} is not a tensor layout")
+    return layout
 
 
 def _reader(path: Path) -> Any:
@@ -146,8 +155,10 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
     if optimizer is None:
         raise ValueError("a sharded checkpoint is restored together with its optimizer")
     state = _dcp_state(model, optimizer)
+    reader = _reader(path / SHARDED)
+    reader.read_metadata()  # a refused or broken .metadata is a BadFileError here (DCP would swallow it)
     try:
-        dcp.load(state, storage_reader=_reader(path / SHARDED))
+        dcp.load(state, storage_reader=reader)
     except BadFileError:
         raise
     except Exception as e:  # noqa: BLE001 (DCP wraps every rank's failure into one exception)
