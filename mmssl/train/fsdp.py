@@ -137,20 +137,33 @@ def average_replicated_grads(module: nn.Module) -> None:
             p.grad.div_(world)
 
 
-def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(module: nn.Module, max_norm: float, as_shards: int = 0) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over sharded and replicated gradients: the global L2 norm
     (shards' squares summed across ranks, replicated gradients counted once), every gradient scaled
-    by min(1, max_norm / (norm + 1e-6)). -> the norm before clipping, a plain scalar tensor."""
+    by min(1, max_norm / (norm + 1e-6)). -> the norm before clipping, a plain scalar tensor.
+
+    ``as_shards=W`` (DDP: whole gradients, the same on every rank): the same sum, in the same order, as
+    W FSDP ranks would make it: each non-scalar gradient cut in W dim-0 chunks as ``fully_shard`` cuts
+    it, chunk r's squares summed into rank r's partial sum, the partial sums added in rank order (an
+    all-reduce of two values is that sum exactly), no communication."""
     sharded, whole = [], []
     for p in module.parameters():
         if p.grad is not None:
-            (sharded if isinstance(p.grad, DTensor) else whole).append(p.grad)
+            (sharded if isinstance(p.grad, DTensor) or (as_shards and p.grad.dim() > 0) else whole).append(p.grad)
     dev = next((local(g).device for g in sharded + whole), torch.device("cpu"))
     sq = torch.zeros((), dtype=torch.float32, device=dev)
-    for g in sharded:
-        sq += local(g).float().square().sum()
-    if sharded and dist.is_initialized():
-        dist.all_reduce(sq)
+    if as_shards:
+        parts = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(as_shards)]
+        for g in sharded:
+            for r, chunk in enumerate(torch.chunk(g, as_shards, dim=0)):
+                parts[r] += chunk.float().square().sum()
+        for part in parts:
+            sq += part
+    else:
+        for g in sharded:
+            sq += local(g).float().square().sum()
+        if sharded and dist.is_initialized():
+            dist.all_reduce(sq)
     for g in whole:
         sq += g.float().square().sum()
     norm = sq.sqrt()

@@ -97,6 +97,10 @@ class Strategy:
         if self.sharded:
             fsdp.average_replicated_grads(objective)
             return fsdp.clip_grad_norm(objective, max_norm)
+        if self.dist.enabled:
+            # the norm summed shard by shard, as FSDP sums it: a clipped 2-process DDP run and FSDP run stay
+            # bit for bit equal (a last-bit change in the coefficient grows to 1e-4 in a DINO loss in 20 steps)
+            return fsdp.clip_grad_norm(objective, max_norm, as_shards=self.dist.world)
         return torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
 
     def call(self, objective: nn.Module) -> Callable[..., Any]:
