@@ -329,8 +329,51 @@ def resolve(overrides: list[str], job_index: int | None = None) -> RunSpec:
     check_pair(cfg)
     mods = modalities_of(cfg)
     apply_modality_defaults(cfg, mods, overrides)
+    notes = init_hubert_defaults(cfg, overrides)
     check_resume(cfg)
-    return RunSpec(cfg, list(overrides), mods, str(cfg.objective.name), job_index)
+    return RunSpec(cfg, list(overrides), mods, str(cfg.objective.name), job_index, notes)
+
+
+def init_hubert_defaults(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """HuBERT continued from ``init=SRC`` (a converted fairseq HuBERT, an export or a run): the units
+    are predicted with the source's ``heads/hubert`` (its ``final_proj`` and unit embeddings, which the
+    trainer loads where the shapes fit), so ``objective.k``, ``final_dim`` and ``temperature`` default to
+    the head's; ``targets=layer`` without a teacher clusters the source's own layer (HuBERT's next
+    iteration). A command-line k or final_dim that differs keeps the run's value and says in one line
+    that the head starts fresh. -> the notes."""
+    if not cfg.get("init") or str(cfg.objective.get("name")) != "hubert":
+        return []
+    given, obj, src = given_keys(overrides), cfg.objective, Path(str(cfg.init))
+    notes = []
+    if obj.get("targets") == "layer" and not obj.get("teacher"):
+        obj.teacher = str(cfg.init)
+        notes.append(f"[mmssl] init: objective.targets=layer clusters layer {obj.get('layer') or 'round(2/3 depth)'} "
+                     f"of the init encoder ({src}); set objective.teacher= for another")
+    weights = src / "heads" / "hubert.safetensors"
+    if not weights.is_file():
+        return notes
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        if "label_embeddings" not in f.keys():
+            return notes
+        k, final_dim = (int(n) for n in f.get_slice("label_embeddings").get_shape())
+    meta = src / "heads" / "hubert.json"
+    temp = read_json_object(meta, "a head config").get("logit_temp") if meta.is_file() else None
+    clash = []
+    for key, have in (("k", k), ("final_dim", final_dim), ("temperature", temp)):
+        if have is None:
+            continue
+        if f"objective.{key}" not in given:
+            obj[key] = have
+        elif float(obj[key]) != float(have):
+            clash.append(f"objective.{key}={obj[key]} (the head's: {have})")
+    if any(c.startswith(("objective.k=", "objective.final_dim=")) for c in clash):
+        notes.append(f"[mmssl] init: {weights} does not fit {', '.join(clash)}: final_proj and the unit "
+                     f"embeddings start fresh (leave objective.k / final_dim unset to continue with the source's)")
+    elif clash:
+        notes.append(f"[mmssl] init: {', '.join(clash)} set on the command line; the head's weights are kept")
+    return notes
 
 
 def check_data_path(cfg: DictConfig) -> None:
