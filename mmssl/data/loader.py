@@ -360,10 +360,16 @@ class TrainStream(IterableDataset):
             f.write("".join(f"{epoch}\t{rnd}\t{i}\n" for i in ids.tolist()))
 
 
-def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+def train_loader(stream: TrainStream, num_workers: int, pin_memory: bool | None = None) -> DataLoader:
+    """The training DataLoader: decoding and collation in ``num_workers`` processes, 2 batches prefetched
+    per worker, and (``pin_memory``, default: when CUDA is available) batches in page-locked memory, so
+    the trainer's ``.to(device, non_blocking=True)`` really overlaps the copy with the step (from
+    pageable memory that copy is synchronous)."""
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     # An own generator: the DataLoader would otherwise draw its worker base seed from the global RNG,
     # which a resumed run restores, and one extra draw would shift every later mask and dropout.
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=bool(pin_memory),
                       prefetch_factor=2 if num_workers else None, persistent_workers=False,
                       generator=torch.Generator().manual_seed(_seed(stream.seed, stream.rank, "loader")))
 
