@@ -335,7 +335,7 @@ def measure(make: Callable[[], DataLoader]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     del loader  # workers joined (and their CPU time reaped) once the epoch ended
     cpu = cpu_seconds() - c0
-    return {"samples": samples, "batches": batches, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+    return {"samples": samples, "batches": batches, "wall_s": round(wall, 6), "cpu_s": round(cpu, 6),
             "samples_per_s": round(samples / wall, 2), "samples_per_core_s": round(samples / max(cpu, 1e-9), 2)}
 
 
