@@ -330,7 +330,7 @@ class WritesAFile:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (exec, (f"open({self.path!r}, 'w').write('ran')",))
 
 

@@ -14,10 +14,20 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from omegaconf import OmegaConf
+from test_convert_fairseq import (
+    FINAL,
+    K_UNITS,
+    ORDER,
+    Dictionary,
+    builder_args,
+    history,
+    model_cfg,
+    perturb,
+    save_with_fairseq_names,
+    to_fairseq,
+)
 
 from mmssl.cli import main
-from test_convert_fairseq import (
-    FINAL, K_UNITS, ORDER, Dictionary, builder_args, history, model_cfg, perturb, save_with_fairseq_names, to_fairseq)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +89,13 @@ def test_step0_logits_are_the_checkpoints_heads(converted, packed, tmp_path, cac
     hooked: list[object] = []
     real_logits, real_forward = hub.unit_logits, hub.HuBERT.forward
 
-    def logits_spy(proj, embeddings, temperature, target=None):  # noqa: ANN001, ANN202
+    def logits_spy(proj, embeddings, temperature, target=None):
         y = real_logits(proj, embeddings, temperature, target)
         if "logits" not in seen:
             seen.update(logits=y.detach().clone(), emb=embeddings.detach().clone(), temp=temperature)
         return y
 
-    def forward_spy(self, batch):  # noqa: ANN001, ANN202
+    def forward_spy(self, batch):
         if not hooked:  # the frames final_proj reads at step 0 (a hook returning None keeps the output)
             hooked.append(self.final_proj.register_forward_hook(
                 lambda m, i, o: None if "x" in seen else seen.update(x=i[0].detach().clone())))

@@ -3,5 +3,5 @@
 from __future__ import annotations
 
 
-def pytest_configure(config) -> None:  # noqa: ANN001
+def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "interop: needs the peer libraries of .venv-interop (make test-interop)")

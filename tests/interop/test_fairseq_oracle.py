@@ -12,7 +12,6 @@ Run with ``make test-interop`` (``.venv-interop``: fairseq-fixed 0.12.3.1, trans
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ import torch
 fairseq = pytest.importorskip("fairseq")
 pytestmark = pytest.mark.interop
 
-import mmssl  # noqa: E402
-from mmssl.cli import main  # noqa: E402
+import mmssl
+from mmssl.cli import main
 
 TOL = 1e-4
 C, D, H, F, LAYERS, K_POS, G_POS = 32, 64, 4, 128, 2, 16, 4
