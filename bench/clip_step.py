@@ -22,9 +22,11 @@ captions of 77 BPE ids with sot/eot, bf16 autocast, AdamW):
   ref_compiled    the same under ``torch.compile`` (open_clip's ``--torchcompile`` compiles the model)
   mmssl_compiled  mmssl's objective under ``torch.compile``
 
-Both sides use the same optimizer: ``torch.optim.AdamW`` (fused on CUDA), betas (0.9, 0.98), eps 1e-6,
-weight decay 0.2 on tensors of two or more dimensions (open_clip's ViT-B/32 recipe; open_clip's own
-trainer uses the foreach implementation). Reported per side: step time, pairs per second, model FLOPs
+Both sides use ``torch.optim.AdamW`` with betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on tensors of
+two or more dimensions (open_clip's ViT-B/32 recipe), each in its own trainer's implementation: mmssl's
+trainer runs it fused (CUDA and CPU, ``mmssl.train.trainer.fused_adamw``); open_clip's ``main.py``
+builds ``optim.AdamW`` with no implementation flag, so torch's default (foreach on CUDA, the per-tensor
+loop on the CPU). Reported per side: step time, pairs per second, model FLOPs
 per step (forward + backward, counted with ``FlopCounterMode`` on each side's own model), achieved
 TFLOP/s, MFU against ``--peak-tflops`` (default 989.4: H100 SXM dense bf16) and against a bf16 matmul
 peak measured in the run, peak memory and the mmssl / open_clip ratios.
@@ -210,13 +212,13 @@ def mmssl_step_fn(model, obj, opt, batch, device, bf16: bool, clip: float) -> Ca
     return step
 
 
-def optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """The one AdamW both sides use: no decay on tensors of fewer than two dimensions (biases, norms,
-    the logit scale, CLIP's class embedding), as both mmssl's trainer and open_clip's recipe exclude."""
+def optimizer(model: nn.Module, fused: bool | None) -> torch.optim.Optimizer:
+    """The AdamW both sides use: no decay on tensors of fewer than two dimensions (biases, norms, the
+    logit scale, CLIP's class embedding), as both mmssl's trainer and open_clip's recipe exclude.
+    ``fused``: True for mmssl's trainer where it fuses, None for open_clip's (torch's default)."""
     from mmssl.train.trainer import param_groups
 
-    return torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS, fused=fused)
 
 
 def model_settings(ref: nn.Module, obj) -> dict[str, Any]:
@@ -356,7 +358,10 @@ def run_side(name: str, args, device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"compiled": compiled}
     if name.startswith("mmssl"):
         obj = build_mmssl(args.shape).to(device).train()
-        opt = optimizer(obj, device)
+        from mmssl.train.trainer import fused_adamw
+
+        fused = fused_adamw(device)
+        opt = optimizer(obj, fused)
         clip = float(mmssl_configs(args.shape)["trainer"].get("clip_grad", 0.0))
         info["clip_grad"] = clip
         batch = mmssl_batch(imgs, ids, args.text_len)
@@ -372,7 +377,8 @@ def run_side(name: str, args, device: torch.device) -> dict[str, Any]:
         import open_clip
 
         ref = build_reference(args.shape).to(device).train()
-        opt = optimizer(ref, device)
+        fused = None
+        opt = optimizer(ref, fused)
         loss_fn = open_clip.loss.ClipLoss()
         x = normalise(imgs)  # open_clip's loader normalises: outside the step
         model = torch.compile(ref) if compiled else ref
@@ -384,7 +390,7 @@ def run_side(name: str, args, device: torch.device) -> dict[str, Any]:
             loss.backward()
             ref.zero_grad(set_to_none=True)
 
-    info["optimizer"] = f"AdamW(fused={device.type == 'cuda'}, betas={BETAS}, eps={EPS}, wd={WEIGHT_DECAY}, lr={LR})"
+    info["optimizer"] = f"AdamW(fused={fused}, betas={BETAS}, eps={EPS}, wd={WEIGHT_DECAY}, lr={LR})"
     info["flops"] = count_flops(fwd_bwd, flop_context(device))
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     info.update(time_steps(step, device, warmup, args.steps))
@@ -531,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "precision": args.precision, "warmup": args.warmup, "compile_warmup": args.compile_warmup,
                      "steps": args.steps, "sides": args.sides, "peak_tflops": args.peak_tflops,
                      "optimizer": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY,
-                                   "fused": device.type == "cuda"}},
+                                   "mmssl_fused": device.type in ("cuda", "cpu"), "ref_fused": None}},
         "sides": {},
     }
     t_start = time.perf_counter()

@@ -9,7 +9,7 @@ One run measures, on the same device and the same synthetic batch (256 images of
                   vit_base_patch16_224 shape, MAE's 8-block 512-wide decoder), built through the factory
                   as ``mmssl pretrain modality=image objective=mae model=base`` builds it and stepped as
                   mmssl's trainer steps it (autocast forward, backward, clip_grad_norm_, finite check,
-                  AdamW fused on CUDA, the per-step loss and metric sums)
+                  AdamW fused on CUDA and CPU, the per-step loss and metric sums)
   ref             MAE's MaskedAutoencoderViT written anew on timm ``Block``s and ``PatchEmbed``: fixed 2D
                   sin-cos positions, a CLS token, the encoder on the 25% visible patches (argsort of
                   noise), mask tokens and the ids_restore unshuffle, 8 decoder blocks of width 512 with
@@ -369,10 +369,10 @@ def ref_step_fn(model, params, opt, imgs, device, bf16: bool, lr: float) -> Call
 
 
 def trainer_optimizer(obj, device: torch.device, t: dict[str, Any]) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer exactly as mmssl's Trainer makes it (fused AdamW on CUDA)."""
-    from mmssl.train.trainer import param_groups
+    """The optimizer exactly as mmssl's Trainer makes it (fused AdamW on CUDA and CPU)."""
+    from mmssl.train.trainer import fused_adamw, param_groups
 
-    fused = device.type == "cuda"
+    fused = fused_adamw(device)
     opt = torch.optim.AdamW(param_groups(obj, float(t.get("weight_decay", 0.01))), lr=float(t["lr"]),
                             betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)), fused=fused)
     return opt, f"AdamW(fused={fused}, betas={tuple(t.get('betas', (0.9, 0.98)))}, wd={t.get('weight_decay')})"
