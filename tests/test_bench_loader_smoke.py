@@ -43,6 +43,7 @@ def check_case(bench, name: str, c: dict, workers: list[int]) -> None:
             assert c["gpu_rate"] is None and "cores_needed" not in r
 
 
+@pytest.mark.slow  # ~16 s; the run_all smoke output below checks every case in the default run
 def test_smoke_with_a_worker_per_side(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "loader.json"
     names = ["image-jpeg", "point"]  # the cheapest to generate; run_all's smoke run covers the rest
