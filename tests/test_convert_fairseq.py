@@ -146,6 +146,12 @@ def wav(n: int, seed: int, batch: int = 2) -> torch.Tensor:
     return 0.1 * torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))
 
 
+def fairseq_normalize(x: torch.Tensor) -> torch.Tensor:
+    """What fairseq's ``RawAudioDataset.postprocess`` does with ``task.normalize``: each utterance
+    through ``F.layer_norm(wav, wav.shape)`` (rows here are whole utterances)."""
+    return torch.stack([torch.nn.functional.layer_norm(w, w.shape) for w in x])
+
+
 def max_diff(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     assert len(ref) == len(out) == LAYERS
     return max(float((a - b).abs().max()) for a, b in zip(ref, out))
@@ -250,12 +256,15 @@ def test_wav2vec2_args_namespace_converts_and_matches(weight_norm, tmp_path, cap
     assert "fairseq checkpoint (model + args)" in err and "fairseq wav2vec 2.0 (config from args)" in err
     assert "layer_norm front-end with conv bias, pre-norm" in err
     assert "left out: final_proj, project_q, quantizer" in err
+    assert "the encoder applies it (adapter.waveform_normalize)" in err
     enc = mmssl.load_encoder(tmp_path / "out")
-    x = wav(8000, seed=6)
+    # task.normalize: the reference sees fairseq's normalised waveforms, mmssl the raw ones (an offset
+    # and a gain, so a missing normalisation shows)
+    x = 0.3 * wav(8000, seed=6) + 0.05
     with torch.no_grad():
-        ref, _ = ta.extract_features(x)
+        ref, _ = ta.extract_features(fairseq_normalize(x))
         out = enc({"speech": x}, return_layers=True).layers
-        final_ref, _ = ta(x)
+        final_ref, _ = ta(fairseq_normalize(x))
         final = enc({"speech": x}).last
     diff = max(max_diff(ref, out), float((final_ref - final).abs().max()))
     print(f"fairseq-layout wav2vec 2.0 Large-style ({weight_norm} weight norm, args Namespace): max diff {diff:.2e}")
@@ -309,9 +318,9 @@ def test_data2vec_audio_converts_and_matches(tmp_path, capsys) -> None:
     err = convert(src, tmp_path / "out", capsys)
     assert "fairseq data2vec audio (config from cfg)" in err and "position conv 5/4 x2" in err
     enc = mmssl.load_encoder(tmp_path / "out")
-    x = wav(8000, seed=9)
+    x = 0.3 * wav(8000, seed=9) + 0.05  # raw for mmssl; normalised (task.normalize) for the reference
     with torch.no_grad():
-        ref = hf(x, output_hidden_states=True).hidden_states[1:]  # each block's output
+        ref = hf(fairseq_normalize(x), output_hidden_states=True).hidden_states[1:]  # each block's output
         out = enc({"speech": x}, return_layers=True).layers
     diff = max_diff(list(ref), out)
     print(f"fairseq-layout data2vec audio (plain dict cfg): max |mmssl - transformers| = {diff:.2e}")

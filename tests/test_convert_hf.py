@@ -89,6 +89,50 @@ def test_speech_layer_norm_padded_batch(tmp_path: Path) -> None:
     assert report("HF wav2vec2 layer-norm padded batch", diffs + [max_diff(o.last[real], r.last_hidden_state[real])]) < TOL
 
 
+def test_speech_do_normalize_pipeline_on_raw_audio(tmp_path: Path) -> None:
+    """A directory whose feature extractor normalises each utterance (``do_normalize``, as wav2vec 2.0
+    Large's): transformers' own pipeline (Wav2Vec2FeatureExtractor, then the model with attention_mask)
+    against mmssl on the raw padded waveforms; the export writes ``do_normalize`` back."""
+    ref = perturb(SPEECH_CASES["wav2vec2_layer_prenorm"]()).eval()
+    d = _save(ref, tmp_path / "hf")
+    fe = T.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
+    fe.save_pretrained(d)
+    enc = load_encoder(_convert(d, tmp_path / "mm"))
+    assert enc.adapter.waveform_normalize and enc.adapter.waveform_norm_eps == 1e-7
+    g = torch.Generator().manual_seed(6)
+    # an offset and a gain unlike unit variance, so a missing normalisation shows
+    raw = [0.2 * torch.randn(n, generator=g) + 0.07 for n in (6000, 3700)]
+    inputs = fe([w.numpy() for w in raw], sampling_rate=16000, padding=True, return_tensors="pt")
+    lens = torch.tensor([len(w) for w in raw])
+    batch = torch.zeros(2, 6000)
+    for i, w in enumerate(raw):
+        batch[i, : len(w)] = w
+    with torch.no_grad():
+        r = ref(inputs["input_values"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+        o = enc({"speech": batch, "speech_len": lens}, return_layers=True)
+    real = ~o.pad
+    diffs = [max_diff(o.layers[i][real], r.hidden_states[i + 1][real]) for i in range(len(o.layers))]
+    assert report("HF wav2vec2 do_normalize pipeline vs mmssl on raw audio",
+                  diffs + [max_diff(o.last[real], r.last_hidden_state[real])]) < TOL
+    # without the adapter's normalisation the raw audio gives other features: the check can fail
+    enc.adapter.waveform_normalize = False
+    with torch.no_grad():
+        o2 = enc({"speech": batch, "speech_len": lens})
+    assert max_diff(o2.last[real], r.last_hidden_state[real]) > 1e-2
+    # exported back, transformers' own AutoFeatureExtractor normalises again and the model agrees
+    from mmssl.exporters import EXPORTERS
+
+    EXPORTERS["hf"].run(tmp_path / "mm", tmp_path / "back", {})
+    fe2 = T.AutoFeatureExtractor.from_pretrained(tmp_path / "back")
+    assert fe2.do_normalize is True
+    back = T.AutoModel.from_pretrained(tmp_path / "back").eval()
+    inputs2 = fe2([w.numpy() for w in raw], sampling_rate=16000, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        r2 = back(inputs2["input_values"], attention_mask=inputs2["attention_mask"])
+    assert max_diff(r2.last_hidden_state[real], r.last_hidden_state[real]) < TOL
+
+
 def test_speech_legacy_weight_norm_names_and_task_model(tmp_path: Path) -> None:
     """Hub checkpoints written before parametrizations name the position conv's weight norm
     weight_g / weight_v; task models (HubertForCTC) carry the encoder under ``hubert.`` and a head."""

@@ -42,9 +42,13 @@ def hf_kind(cfg: dict[str, Any]) -> str:
                       f"mmssl converter; these convert: {', '.join(names)}")
 
 
+#: transformers' Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm: (x - mean) / sqrt(var + 1e-7)
+HF_WAVEFORM_EPS = 1e-7
+
+
 def _preprocessor(d: Path) -> dict[str, Any] | None:
     p = d / "preprocessor_config.json"
-    return read_json_object(p, "an image processor config") if p.is_file() else None
+    return read_json_object(p, "a preprocessor config") if p.is_file() else None
 
 
 def _overrides(cfg: dict[str, Any], kv: dict[str, str]) -> None:
@@ -68,6 +72,10 @@ def _single(src: Path, hf: dict[str, Any], sd: dict[str, Tensor], kind: str, kv:
 
         sd = strip_prefix(sd, [SPEECH_TYPES[mt][1]], "feature_projection.projection.weight")
         cfg = speech_config_from_hf(hf)
+        pre = _preprocessor(src)
+        if pre is not None and pre.get("do_normalize"):
+            # the feature extractor normalised each utterance before the model: the adapter does it now
+            cfg["adapter"].update(waveform_normalize=True, waveform_norm_eps=HF_WAVEFORM_EPS)
         legacy = "encoder.pos_conv_embed.conv.weight_g" in sd
         plan = speech_plan(cfg, legacy, mask="masked_spec_embed" in sd)
         heads, what = SPEECH_HEADS, f"Hugging Face {SPEECH_TYPES[mt][0]}"

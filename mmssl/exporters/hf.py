@@ -85,7 +85,10 @@ def _speech(enc: Encoder, arch: str | None) -> tuple[dict[str, Any], dict[str, A
     state = {k: v for k, v in enc.state_dict().items()}
     weights = plan_out(state, speech_plan(cfg))
     pre = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
-           "padding_value": 0.0, "padding_side": "right", "do_normalize": False,
+           "padding_value": 0.0, "padding_side": "right",
+           # transformers normalises with eps 1e-7 where fairseq-trained models used 1e-5: equal to
+           # rounding for audio louder than about -50 dBFS
+           "do_normalize": bool(a.get("waveform_normalize", False)),
            "return_attention_mask": a["frontend_norm"] == "layer_norm"}
     return speech_hf_config(cfg, model_type), weights, pre
 

@@ -154,6 +154,24 @@ def sinusoid(index: torch.Tensor, dim: int) -> torch.Tensor:
     return sincos(index.float()[..., None] * freq)
 
 
+def normalize_waveform(wav: torch.Tensor, lengths: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """wav [B, T], lengths [B] real samples (None: whole rows) -> [B, T]: each utterance shifted to zero
+    mean and scaled to unit variance over its real samples, ``(x - mean) / sqrt(var + eps)`` with the
+    population variance, padding zero again. This is fairseq's ``task.normalize``
+    (``F.layer_norm(wav, wav.shape)`` per utterance before collating, eps 1e-5) and transformers'
+    ``Wav2Vec2FeatureExtractor(do_normalize=True)`` (eps 1e-7)."""
+    x = wav.float()
+    if lengths is None:
+        real = torch.ones_like(x, dtype=torch.bool)
+    else:
+        real = torch.arange(x.shape[1], device=x.device)[None] < lengths.to(x.device)[:, None]
+    w = real.float()
+    cnt = w.sum(1, keepdim=True).clamp_min(1)
+    mean = (x * w).sum(1, keepdim=True) / cnt
+    var = ((x - mean) ** 2 * w).sum(1, keepdim=True) / cnt
+    return (((x - mean) / (var + eps).sqrt()) * w).to(wav.dtype)
+
+
 def _utterance_moments(feats: torch.Tensor, pad: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """feats [B, N, F] frame features, pad [B, N] -> (w [B, N, 1] 1.0 at real frames, mean [B, 1, F],
@@ -197,6 +215,10 @@ class SpeechAdapter(ModalityAdapter):
         elif self.position != "sinusoidal":
             raise ValueError(f"speech position must be 'conv' or 'sinusoidal', not {self.position!r}")
         self.mask_span = int(c.get("mask_span", 10))
+        # models trained on per-utterance normalised waveforms (fairseq task.normalize: wav2vec 2.0
+        # Large, data2vec audio) get the same normalisation here, so callers feed raw audio
+        self.waveform_normalize = bool(c.get("waveform_normalize", False))
+        self.waveform_norm_eps = float(c.get("waveform_norm_eps", 1e-5))
         self.mfcc = MFCC(n_mfcc=13, deltas=True)
         self.mfcc_plain = MFCC(n_mfcc=13, deltas=False)
         self.logmel = LogMel(int(c.get("n_mels", 80)))
@@ -211,6 +233,8 @@ class SpeechAdapter(ModalityAdapter):
     def tokenize(self, batch: Batch) -> Tokens:
         wav = batch["speech"]
         lengths = batch.get("speech_len")
+        if self.waveform_normalize:
+            wav = normalize_waveform(wav, lengths, self.waveform_norm_eps)
         frames = self.feature_extractor(wav.to(self.feature_proj.weight.dtype),
                                         None if lengths is None else lengths.to(wav.device))  # [B, N, C]
         B, N, _ = frames.shape
@@ -317,7 +341,8 @@ class SpeechAdapter(ModalityAdapter):
         return 16000 / HOP  # 50 frames per second
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"sample_rate": 16000, "waveform_normalize": False, "frame_hop": HOP, "frame_window": 400,
+        return {"sample_rate": 16000, "waveform_normalize": self.waveform_normalize,
+                "waveform_norm_eps": self.waveform_norm_eps, "frame_hop": HOP, "frame_window": 400,
                 "position": self.position}
 
 

@@ -157,45 +157,16 @@ def test_hubert_from_fairseq_trainer(tmp_path) -> None:
 
 
 def check_layers(name: str, model: torch.nn.Module, enc: Any, lengths: list[int], seed: int) -> None:
-    """A padded batch of a task.normalize model: fairseq's model on fairseq's pipeline (each waveform
-    layer-normed, then padded) against mmssl on the same normalised batch: the conversion's exactness."""
+    """A padded batch of a task.normalize model: fairseq's whole pipeline (each waveform layer-normed by
+    its dataset, then padded, then the model) against mmssl on the raw padded waveforms (its adapter's
+    ``waveform_normalize``)."""
     wavs = waves(lengths, seed)
     x, pad = fairseq_input(wavs, normalize=True)
     with torch.no_grad():
         ref = [model.extract_features(x, pad, mask=False, layer=l)["x"] for l in range(LAYERS)]
         final = model.extract_features(x, pad, mask=False)["x"]
-        out = enc({"speech": x, "speech_len": torch.tensor(lengths)}, return_layers=True)
-    assert compare(name, ref, final, out, frames_of(lengths)) < TOL
-
-
-def _adapter_normalizes() -> bool:
-    """Whether this mmssl's speech adapter applies ``adapter.waveform_normalize`` itself."""
-    from mmssl.registry import MODALITIES
-
-    adapter = MODALITIES.get("speech")(8, {"frontend_channels": 8, "pos_conv_kernel": 4, "pos_conv_groups": 2,
-                                          "waveform_normalize": True})
-    return bool(getattr(adapter, "waveform_normalize", False))
-
-
-@pytest.mark.xfail(not _adapter_normalizes(), strict=True,
-                   reason="the speech adapter (modalities/speech/adapter.py) does not apply waveform_normalize yet")
-def test_task_normalize_applied_by_mmssl(tmp_path) -> None:
-    """fairseq's whole pipeline (dataset normalisation + model) against mmssl on the raw waveforms."""
-    model, _, src = fairseq_run(tmp_path, "audio_pretraining", "wav2vec2", "wav2vec",
-                                ["--extractor-mode", "layer_norm", "--layer-norm-first", "--conv-bias", "--normalize",
-                                 "--conv-pos", str(K_POS), "--final-dim", str(FINAL), "--latent-vars", "8",
-                                 "--latent-groups", "2", "--infonce", "--log-keys", '["prob_perplexity"]'], seed=3)
-    convert(src, tmp_path / "out")
-    enc = mmssl.load_encoder(tmp_path / "out")
-    lengths = [8000, 5123]
-    wavs = waves(lengths, seed=4)
-    x, pad = fairseq_input(wavs, normalize=True)
-    with torch.no_grad():
-        ref = [model.extract_features(x, pad, mask=False, layer=l)["x"] for l in range(LAYERS)]
-        final = model.extract_features(x, pad, mask=False)["x"]
         out = enc(mmssl_input(wavs), return_layers=True)
-    assert compare("fairseq pipeline (normalize=True) vs mmssl on raw waveforms", ref, final, out,
-                   frames_of(lengths)) < TOL
+    assert compare(name, ref, final, out, frames_of(lengths)) < TOL
 
 
 # -- wav2vec 2.0 Large layout: layer-norm front-end with conv bias, pre-norm, task.normalize ----------
@@ -206,8 +177,10 @@ def test_wav2vec2_large_style_normalize_padded(tmp_path) -> None:
                                  "--latent-groups", "2", "--infonce", "--log-keys", '["prob_perplexity"]'], seed=3)
     cfg = convert(src, tmp_path / "out")
     assert cfg["adapter"]["waveform_normalize"] is True and cfg["source_waveform_normalize"] is True
-    check_layers("fairseq Wav2Vec2Model Large-style, normalize=True, padded batch", model,
-                 mmssl.load_encoder(tmp_path / "out"), [8000, 5123], seed=4)
+    enc = mmssl.load_encoder(tmp_path / "out")
+    assert enc.adapter.waveform_normalize
+    check_layers("fairseq pipeline, Wav2Vec2Model Large-style, normalize=True, padded batch, vs mmssl on raw "
+                 "waveforms", model, enc, [8000, 5123], seed=4)
 
 
 # -- data2vec audio: position stack, layer-norm front-end, task.normalize ------------------------------
@@ -226,10 +199,11 @@ def test_data2vec_audio_normalize_padded(tmp_path) -> None:
     # the features it has alone). The unpadded utterance of the batch agrees; the padded one differs
     # near its end, and through attention a little everywhere (printed, not asserted).
     lengths = [8000, 6001]
-    x, pad = fairseq_input(waves(lengths, seed=7), normalize=True)
+    wavs = waves(lengths, seed=7)
+    x, pad = fairseq_input(wavs, normalize=True)
     with torch.no_grad():
         ref = [model.extract_features(x, pad, mask=False, layer=l)["x"] for l in range(LAYERS)]
-        out = enc({"speech": x, "speech_len": torch.tensor(lengths)}, return_layers=True)
+        out = enc(mmssl_input(wavs), return_layers=True)
     n = int(frames_of(lengths)[1])
     full = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ref, out.layers))
     padded = max(float((a[1, :n] - b[1, :n]).abs().max()) for a, b in zip(ref, out.layers))
