@@ -8,14 +8,15 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from mmssl.eval.probe_fit import linear_probe
-from mmssl.modalities.image import synth
 from omegaconf import OmegaConf
 
 from mmssl.config import compose
 from mmssl.data.loader import DataSource, TrainStream, iter_split, resolve_source
+from mmssl.eval.probe_fit import linear_probe
 from mmssl.factory import build_encoder, encoder_config
+from mmssl.modalities.image import synth
 
 # Prefixes of the train and val splits (the test split is used whole): the micro encoder's features
 # cost most of this test, about 90 images/s on 2 cores.
@@ -71,6 +72,7 @@ def test_preset_shards_and_stream(cache_dir: Path) -> None:
     assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
 
 
+@pytest.mark.slow  # the whole preset through the encoder (10-12 s): the default suite keeps MRI's and EEG's
 def test_random_init_micro_probe_is_between_chance_and_easy(cache_dir: Path) -> None:
     t0 = time.perf_counter()
     cfg = compose(["modality=image"])

@@ -8,6 +8,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -89,6 +90,7 @@ def test_preset_shards_and_stream(cache_dir: Path) -> None:
     assert int(b["sample_id"].max()) < n["train"]
 
 
+@pytest.mark.slow  # the whole preset through the encoder (10-12 s): the default suite keeps MRI's and EEG's
 def test_random_init_micro_probe_is_between_chance_and_easy(cache_dir: Path) -> None:
     t0 = time.perf_counter()
     cfg = compose(["modality=point"])
