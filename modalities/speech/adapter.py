@@ -39,8 +39,9 @@ class TimeNorm(nn.Module):
             w = valid.to(x.dtype)
             cnt = w.sum(-1, keepdim=True).clamp_min(1.0)
             mean = (x * w).sum(-1, keepdim=True) / cnt
-            var = (((x - mean) * w) ** 2).sum(-1, keepdim=True) / cnt
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None] + self.bias[:, None]
+            var = ((x - mean) * w).pow(2).sum(-1, keepdim=True) / cnt
+        # the scale folded per channel first: one full-size multiply fewer, forward and backward
+        return (x - mean) * (torch.rsqrt(var + self.eps) * self.weight[:, None]) + self.bias[:, None]
 
 
 class ConvLayer(nn.Module):
