@@ -400,9 +400,6 @@ def set_threads(spec: Any, procs: int = 1) -> None:
     ``procs`` processes (two jobs of two threads on two cores slowed k-means 35x)."""
     import torch
 
-    from mmssl.host_memory import keep_freed_memory
-
-    keep_freed_memory()  # every command that sets threads runs CPU tensors: reuse freed blocks
     n = max(1, (os.cpu_count() or 1) // max(procs, 1)) if spec in (None, "auto") else int(spec)
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
