@@ -168,8 +168,10 @@ K_UNITS, FINAL = 12, 16
 ORDER = [3, 0, 11, 5, 1, 2, 4, 10, 6, 9, 7, 8]
 
 
-@pytest.fixture(scope="module")
-def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
+def write_hubert_checkpoint(src: Path, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A perturbed torchaudio HuBERT (K_UNITS units + 4 special rows, final_dim FINAL) written at ``src``
+    in fairseq's layout: cfg as an OmegaConf DictConfig, the label Dictionary (unit order ORDER) in
+    task_state. -> (the torchaudio model in eval mode, the fairseq state dict)."""
     torch.manual_seed(0)
     ta = torchaudio.models.hubert_pretrain_model(
         **builder_args("group_norm", False, False), mask_prob=0.0, mask_selection="static", mask_other=0.0,
@@ -177,7 +179,7 @@ def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Ten
         mask_channel_selection="static", mask_channel_other=0.0, mask_channel_length=10,
         no_mask_channel_overlap=False, mask_channel_min_space=1, skip_masked=False, skip_nomask=False,
         num_classes=K_UNITS + 4, final_dim=FINAL, feature_grad_mult=None)
-    perturb(ta, seed=1)
+    perturb(ta, seed=seed)
     ta.eval()
     sd = to_fairseq(ta.wav2vec2.state_dict(), "group_norm", False, "legacy")
     sd["mask_emb"] = ta.mask_generator.mask_embedding.detach().clone()
@@ -188,9 +190,15 @@ def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Ten
                                                logit_temp=0.1, label_rate=50.0),
                             "task": {"_name": "hubert_pretraining", "labels": ["km"], "normalize": False,
                                      "sample_rate": 16000}, "common": {"seed": 1}})
-    src = tmp_path_factory.mktemp("fairseq") / "hubert_base_tiny.pt"
     save_with_fairseq_names({"args": None, "cfg": cfg, "model": sd, **history(),
                              "task_state": {"dictionaries": [Dictionary(K_UNITS, ORDER)]}}, src)
+    return ta, sd
+
+
+@pytest.fixture(scope="module")
+def hubert(tmp_path_factory) -> tuple[torch.nn.Module, Path, dict[str, torch.Tensor]]:
+    src = tmp_path_factory.mktemp("fairseq") / "hubert_base_tiny.pt"
+    ta, sd = write_hubert_checkpoint(src, seed=1)
     return ta, src, sd
 
 

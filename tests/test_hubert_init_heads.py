@@ -12,20 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import torchaudio
-from omegaconf import OmegaConf
-from test_convert_fairseq import (
-    FINAL,
-    K_UNITS,
-    ORDER,
-    Dictionary,
-    builder_args,
-    history,
-    model_cfg,
-    perturb,
-    save_with_fairseq_names,
-    to_fairseq,
-)
+from test_convert_fairseq import FINAL, K_UNITS, ORDER, write_hubert_checkpoint
 
 from mmssl.cli import main
 
@@ -34,26 +21,9 @@ from mmssl.cli import main
 def converted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A perturbed HuBERT checkpoint in fairseq's layout (K_UNITS units, 4 special rows, permuted
     dict.km.txt order), converted with ``mmssl convert``."""
-    torch.manual_seed(0)
-    ta = torchaudio.models.hubert_pretrain_model(
-        **builder_args("group_norm", False, False), mask_prob=0.0, mask_selection="static", mask_other=0.0,
-        mask_length=10, no_mask_overlap=False, mask_min_space=1, mask_channel_prob=0.0,
-        mask_channel_selection="static", mask_channel_other=0.0, mask_channel_length=10,
-        no_mask_channel_overlap=False, mask_channel_min_space=1, skip_masked=False, skip_nomask=False,
-        num_classes=K_UNITS + 4, final_dim=FINAL, feature_grad_mult=None)
-    perturb(ta, seed=11)
-    sd = to_fairseq(ta.wav2vec2.state_dict(), "group_norm", False, "legacy")
-    sd["mask_emb"] = ta.mask_generator.mask_embedding.detach().clone()
-    sd["label_embs_concat"] = ta.logit_generator.label_embeddings.detach().clone()
-    sd["final_proj.weight"] = ta.logit_generator.final_proj.weight.detach().clone()
-    sd["final_proj.bias"] = ta.logit_generator.final_proj.bias.detach().clone()
-    cfg = OmegaConf.create({"model": model_cfg("hubert", "group_norm", False, False, final_dim=FINAL,
-                                               logit_temp=0.1, label_rate=50.0),
-                            "task": {"_name": "hubert_pretraining", "labels": ["km"], "normalize": False}})
     root = tmp_path_factory.mktemp("init-heads")
     src = root / "hubert_tiny.pt"
-    save_with_fairseq_names({"args": None, "cfg": cfg, "model": sd, **history(),
-                             "task_state": {"dictionaries": [Dictionary(K_UNITS, ORDER)]}}, src)
+    _, sd = write_hubert_checkpoint(src, seed=11)
     assert main(["convert", str(src), str(root / "out"), "format=fairseq"]) == 0
     return root / "out", sd
 
