@@ -86,8 +86,9 @@ def _speech(enc: Encoder, arch: str | None) -> tuple[dict[str, Any], dict[str, A
     weights = plan_out(state, speech_plan(cfg))
     pre = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
            "padding_value": 0.0, "padding_side": "right",
-           # transformers normalises with eps 1e-7 where fairseq-trained models used 1e-5: equal to
-           # rounding for audio louder than about -50 dBFS
+           # transformers normalises with eps 1e-7 where fairseq-trained models used 1e-5: the input
+           # scale differs by sqrt((var + 1e-5) / (var + 1e-7)), about 1e-3 for speech at -26 dBFS,
+           # which the front-end's first norm takes out up to its conv bias
            "do_normalize": bool(a.get("waveform_normalize", False)),
            "return_attention_mask": a["frontend_norm"] == "layer_norm"}
     return speech_hf_config(cfg, model_type), weights, pre
