@@ -5,6 +5,8 @@
     model = timm.create_model(a["model_name"], pretrained=True, **a["kwargs"],
                               pretrained_cfg_overlay={**a["pretrained_cfg_overlay"], "file": str(OUT / "model.safetensors")})
 
+(``pretrained=True`` with a ``file`` overlay makes timm read that local file; nothing is downloaded.)
+
 Key map (mmssl -> timm; the inverse of ``mmssl.convert.timm``): adapter.patch_embed -> patch_embed.proj,
 the adapter's grid positions -> pos_embed (``no_embed_class=True``: the prefix tokens carry their own
 position inside mmssl's ``prefix``), prefix -> cls_token (+ reg_token), backbone.blocks.l.{norm1, attn.qkv,
