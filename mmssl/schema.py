@@ -87,7 +87,69 @@ OBJECTIVE_KEYS = {
     "ema_end_decay": spec(float, low=0, high=1, nullable=True),
 }
 
-GROUPS = {"trainer": TrainerSchema, "data": DataSchema}
+@dataclass
+class ModelSchema:
+    name: str = spec(str)  # its choices: the size tables in mmssl/sizes.py, checked by the factory
+    dim: int = spec(int, low=1, nullable=True)
+    depth: int = spec(int, low=1, nullable=True)
+    heads: int = spec(int, low=1, nullable=True)
+    ffn_dim: int = spec(int, low=1, nullable=True)
+
+
+SPLIT = ("train", "val", "test")
+#: evaluator keys checked wherever an evaluator has them: one meaning per name across configs/eval/
+EVAL_KEYS = {
+    **{k: spec(str, choices=SPLIT) for k in ("split", "split_train", "split_val", "split_test")},
+    "label_fraction": spec((float, list), low=0, high=1, low_open=True),
+    "seeds": spec(int, low=1),
+    "seed": spec(int),
+    "max_train": spec(int, low=1, nullable=True),
+    "cache_features": spec(bool),
+    "layer": spec(int, low=-1),
+    "layers": spec(list, nullable=True),
+    "pool": spec(str, choices=("mean", "max", "cls", "meanmax"), nullable=True),
+    "pools": spec(list, nullable=True),
+    "solver": spec(str, choices=("sgd", "lbfgs")),
+    "lrs": spec(list),
+    "wds": spec(list),
+    "C": spec(list),
+    "epochs": spec(int, low=1),
+    "min_steps": spec(int, low=0),
+    "batch_size": spec(int, low=1),
+    "probe_batch_size": spec(int, low=1, nullable=True),
+    "max_iter": spec(int, low=1),
+    "baseline": spec(bool),
+    "normalize": spec(bool),
+    "schedule": spec(str, choices=("cosine", "constant")),
+    "lr": spec(float, low=0, low_open=True),
+    "min_lr": spec(float, low=0),
+    "warmup_epochs": spec(float, low=0),
+    "layer_decay": spec(float, low=0, high=1, low_open=True),
+    "weight_decay": spec(float, low=0),
+    "drop_path": spec(float, low=0, high=1),
+    "label_smoothing": spec(float, low=0, high=1),
+    "head_norm": spec(str, choices=("batch", "none")),
+    "clip_grad": spec(float, low=0, nullable=True),
+    "augment": spec(bool),
+    "mode": spec(str, choices=("full", "lora")),
+    "freeze_first": spec(int, low=0),
+    "tune_last": spec(int, low=0, nullable=True),
+    "lora_rank": spec(int, low=1),
+    "lora_alpha": spec(float, low=0, low_open=True),
+    "lora_dropout": spec(float, low=0, high=1),
+    "lora_lr": spec(float, low=0, low_open=True, nullable=True),
+    "lora_train_norms": spec(bool),
+    "k": spec((int, list), low=1),
+    "T": spec(float, low=0, low_open=True),
+    "preprocess": spec(str, choices=("none", "center", "zscore")),
+    "ks": spec(list),
+    "bootstrap": spec(int, low=0),
+    "prompts": spec(list, nullable=True),
+}
+
+GROUPS = {"trainer": TrainerSchema, "data": DataSchema, "model": ModelSchema}
+#: the groups whose keys differ by choice (objective=, eval=): each known key checked where present
+KEYED = {"objective": OBJECTIVE_KEYS, "eval": EVAL_KEYS}
 
 
 def _problem(value: Any, meta: dict[str, Any]) -> str | None:
@@ -103,8 +165,14 @@ def _problem(value: Any, meta: dict[str, Any]) -> str | None:
             return f"expected one of {', '.join(map(str, choices))}"
     if bool in kinds:
         return None if isinstance(value, bool) else "expected true or false"
-    if list in kinds:
-        return None if isinstance(value, (list, tuple)) else "expected a list"
+    if list in kinds and (isinstance(value, (list, tuple)) or len(kinds) == 1):
+        # a number-or-list key (label_fraction, k) checks each element as the number
+        if not isinstance(value, (list, tuple)):
+            return "expected a list"
+        if len(kinds) == 1:
+            return None
+        scalar = {**meta, "kind": tuple(k for k in kinds if k is not list)}
+        return next((f"[{i}]: {why}" for i, v in enumerate(value) if (why := _problem(v, scalar))), None)
     if float not in kinds and int not in kinds:
         return "expected a string"
     want = "a number" if float in kinds else "an integer"
@@ -134,10 +202,10 @@ def check(cfg: DictConfig) -> None:
                 why = _problem(values[f.name], f.metadata)
                 if why:
                     fail(f"{group}.{f.name}", values[f.name], why)
-    if "objective" in cfg:
-        values = to_dict(cfg.objective)
-        for k, meta in OBJECTIVE_KEYS.items():
+    for group, keys in KEYED.items():
+        values = to_dict(cfg[group]) if group in cfg else {}
+        for k, meta in keys.items():
             if k in values:
                 why = _problem(values[k], meta.metadata)
                 if why:
-                    fail(f"objective.{k}", values[k], why)
+                    fail(f"{group}.{k}", values[k], why)

@@ -17,6 +17,7 @@ from mmssl.schema import check
     (["modality=image", "objective=mae", "objective.mask_ratio=1.5"], "objective.mask_ratio=1.5", "must be > 0 and <= 1"),
     (["data=shards", "data.path=/nonexistent"], "data.path=/nonexistent", "no such directory"),
     (["trainer.schedule=linear"], "trainer.schedule='linear'", "expected one of cosine, constant, infinite"),
+    (["model.depth=0"], "model.depth=0", "must be >= 1"),
 ])
 def test_bad_values_exit_2_naming_the_key_and_leave_nothing(args: list[str], key: str, why: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,3 +40,18 @@ def test_every_default_passes_and_types_are_checked() -> None:
                      ("data.on_error=ignore", "expected one of skip, raise"), ("trainer.lr=null", "null is not allowed")):
         with pytest.raises(ConfigError, match=msg):
             check(compose([bad]))
+
+
+def test_every_evaluator_default_passes_and_its_keys_are_checked() -> None:
+    for ev in ("linear_probe", "knn", "finetune", "layer_probe", "retrieval", "zero_shot"):
+        check(compose([f"eval={ev}"]))
+    for ok in ("eval.k=[10,20]", "eval.k=5", "eval.label_fraction=[0.01,1.0]", "eval.label_fraction=1"):
+        check(compose(["eval=knn", ok]))
+    for ev, bad, msg in (("knn", "eval.k=[10,0]", r"eval.k=\[10, 0\]: \[1\]: must be >= 1"),
+                         ("linear_probe", "eval.label_fraction=[0.1,2]", r"\[1\]: must be > 0 and <= 1"),
+                         ("linear_probe", "eval.solver=adam", "expected one of sgd, lbfgs"),
+                         ("finetune", "eval.mode=qlora", "expected one of full, lora"),
+                         ("finetune", "eval.epochs=0", "must be >= 1"),
+                         ("retrieval", "eval.split=dev", "expected one of train, val, test")):
+        with pytest.raises(ConfigError, match=msg):
+            check(compose([f"eval={ev}", bad]))
