@@ -292,23 +292,39 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"mmssl: error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from mmssl.config import ConfigError
+    from mmssl.errors import MmsslError
     from mmssl.train.trainer import TrainingError
 
     try:
         return COMMANDS[cmd](argv[1:])
-    except (ConfigError, KeyError, ValueError, OSError) as e:
+    except (MmsslError, ValueError, OSError) as e:
         if os.environ.get("MMSSL_DEBUG"):
             raise
-        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-        lines = [ln for ln in msg.splitlines() if ln.strip()]
-        # an error raised in a loader worker arrives as "Caught X in DataLoader worker ..." + traceback
-        line = lines[-1] if lines and lines[0].startswith("Caught ") else (lines[0] if lines else type(e).__name__)
-        print(f"mmssl: error: {line}", file=sys.stderr)
+        print(f"mmssl: error: {error_line(e)}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"mmssl: error: {e}", file=sys.stderr)
         return 1
+
+
+def error_line(e: BaseException) -> str:
+    """The one line ``mmssl`` prints for a user error. A ``ValueError`` that is not an ``MmsslError`` (a
+    library's, or an older raise) is likely the user's too, but it carries where it was raised, so a
+    bug is not mistaken for a bad value; a bare ``KeyError`` is a bug and keeps its traceback."""
+    from mmssl.errors import MmsslError
+
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    # an error raised in a loader worker arrives as "Caught X in DataLoader worker ..." + traceback
+    line = lines[-1] if lines and lines[0].startswith("Caught ") else (lines[0] if lines else type(e).__name__)
+    if isinstance(e, (MmsslError, OSError)) or e.__traceback__ is None:
+        return line
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename)
+    root = Path(__file__).resolve().parents[1]  # the checkout, or site-packages
+    where = where.relative_to(root) if where.is_relative_to(root) else Path(*where.parts[-3:])
+    return f"{line} [{type(e).__name__} at {where}:{tb.tb_lineno}; MMSSL_DEBUG=1 shows the traceback]"
 
 
 if __name__ == "__main__":

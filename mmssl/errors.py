@@ -20,6 +20,14 @@ class ConfigError(MmsslError, ValueError):
     """A wrong key, value or combination on the command line or in a config."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name that is not registered: a modality, objective, size, model key or data split. A
+    ``KeyError`` too, for the callers that look a name up and fall back."""
+
+    def __str__(self) -> str:  # the message, not KeyError's repr of it
+        return str(self.args[0]) if self.args else ""
+
+
 class BadFileError(MmsslError, ValueError):
     """A file mmssl reads is missing, empty, truncated, corrupt, of the wrong kind or unreadable.
     The message names the file and what is wrong with it."""

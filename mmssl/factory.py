@@ -7,6 +7,7 @@ from typing import Any
 from mmssl import __version__
 from mmssl.backbone import BackboneConfig
 from mmssl.encoder import Encoder
+from mmssl.errors import UnknownNameError
 from mmssl.registry import MODALITIES, OBJECTIVES
 from mmssl.sizes import size_spec
 
@@ -50,7 +51,7 @@ def encoder_config(modality: str, size: str, modality_cfg: dict[str, Any],
         if k == "name" or v is None:
             continue
         if k not in known:
-            raise KeyError(f"unknown model key {k!r}; choose one of: {', '.join(sorted(known))}")
+            raise UnknownNameError(f"unknown model key {k!r}; choose one of: {', '.join(sorted(known))}")
         backbone[k] = v
     adapter = dict(modality_cfg.get("adapter") or {})
     for refine in (per_size.get("adapter"), objective_defaults(modality_cfg, objective).get("adapter")):

@@ -6,9 +6,12 @@ decorators below. Their configs are found through ``hydra.searchpath`` or a plug
 ``mmssl_configs`` package (see README "Plug-ins")."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
+
+from mmssl.errors import UnknownNameError
 
 
 class Registry:
@@ -28,7 +31,7 @@ class Registry:
     def get(self, name: str) -> Any:
         load_builtins()
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

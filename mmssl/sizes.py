@@ -4,6 +4,8 @@ tiny/small/base equal timm's vit_{tiny,small,base}_patch16_224 backbones; base i
 transformer (768 wide, 12 blocks, 12 heads, FFN 3072), so weights convert. micro is the CPU default."""
 from __future__ import annotations
 
+from mmssl.errors import UnknownNameError
+
 SIZES: dict[str, dict[str, int]] = {
     "micro": {"dim": 256, "depth": 4, "heads": 4, "ffn_dim": 1024},
     "tiny": {"dim": 192, "depth": 12, "heads": 3, "ffn_dim": 768},
@@ -14,5 +16,5 @@ SIZES: dict[str, dict[str, int]] = {
 
 def size_spec(name: str) -> dict[str, int]:
     if name not in SIZES:
-        raise KeyError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
+        raise UnknownNameError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
     return dict(SIZES[name])

@@ -77,3 +77,24 @@ def test_sweep_expansion_uses_hydra_grammar() -> None:
     jobs = expand_sweep(["trainer.seed=0,1", "trainer.lr=1e-4,3e-4", "model=micro"])
     assert len(jobs) == 4
     assert ["trainer.seed=1", "trainer.lr=0.0003", "model=micro"] in jobs
+
+
+def test_a_bug_is_not_printed_as_a_user_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """An unregistered name is a user error (one line, no KeyError quotes); a bare KeyError is a bug and
+    keeps its traceback; a plain ValueError prints one line that says where it was raised."""
+    from mmssl import cli
+    from mmssl.errors import UnknownNameError
+
+    def raise_(exc: BaseException) -> None:
+        raise exc
+
+    with pytest.raises(UnknownNameError) as e:
+        MODALITIES.get("klingon")
+    assert isinstance(e.value, KeyError) and str(e.value).startswith("unknown modality 'klingon'")
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", lambda args: raise_(KeyError("feature_rate")))
+    with pytest.raises(KeyError, match="feature_rate"):
+        main(["pretrain"])
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", lambda args: raise_(ValueError("bad width 3")))
+    assert main(["pretrain"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmssl: error: bad width 3 [ValueError at tests/test_cli.py:"), lines

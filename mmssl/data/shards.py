@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import webdataset as wds
 from filelock import FileLock
 
 from mmssl.atomic import make_tmp_dir, replace_dir
+from mmssl.errors import UnknownNameError
 
 SPLITS = ("train", "val", "test")
 
@@ -65,7 +67,7 @@ def load_meta(root: Path) -> dict[str, Any]:
 def split_paths(root: Path, split: str) -> list[Path]:
     meta = load_meta(root)
     if split not in meta["splits"]:
-        raise KeyError(f"data set {root} has no split {split!r}; it has: {', '.join(meta['splits'])}")
+        raise UnknownNameError(f"data set {root} has no split {split!r}; it has: {', '.join(meta['splits'])}")
     return [Path(root) / split / n for n in meta["splits"][split]["shards"]]
 
 
