@@ -364,9 +364,10 @@ def init_hubert_defaults(cfg: DictConfig, overrides: list[str]) -> list[str]:
     for key, have in (("k", k), ("final_dim", final_dim), ("temperature", temp)):
         if have is None:
             continue
+        mine = obj[key][0] if key == "k" and OmegaConf.is_list(obj[key]) else obj[key]  # codebook 0's k
         if f"objective.{key}" not in given:
             obj[key] = have
-        elif float(obj[key]) != float(have):
+        elif float(mine) != float(have):
             clash.append(f"objective.{key}={obj[key]} (the head's: {have})")
     if any(c.startswith(("objective.k=", "objective.final_dim=")) for c in clash):
         notes.append(f"[mmssl] init: {weights} does not fit {', '.join(clash)}: final_proj and the unit "

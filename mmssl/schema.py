@@ -79,7 +79,9 @@ OBJECTIVE_KEYS = {
     "mask_mode": spec(str, choices=("drop", "replace"), nullable=True),
     "unmasked_weight": spec(float, low=0),
     "temperature": spec(float, low=0, low_open=True),
-    "k": spec(int, low=2, nullable=True),
+    "k": spec((int, list), low=2, nullable=True),  # a list: one codebook per k (hubert)
+    "topics": spec(int, low=2, nullable=True),
+    "topic_weight": spec(float, low=0),
     "locate_weight": spec(float, low=0, nullable=True),
     "distill_weight": spec(float, low=0),
     "embed_dim": spec(int, low=1),

@@ -28,8 +28,8 @@ def _setup(modality: str, cache_dir: Path, **objective: object):
     cfg = compose([f"modality={modality}", "objective=hubert", "model.depth=1"])
     mcfg = OmegaConf.to_container(cfg.modality[modality], resolve=True)
     enc = build_encoder(encoder_config(modality, "micro", mcfg, OmegaConf.to_container(cfg.model), "hubert"))
-    ocfg = dict(OmegaConf.to_container(cfg.objective, resolve=True), k=8, final_dim=16, kmeans_iters=5,
-                **objective)
+    ocfg = {**OmegaConf.to_container(cfg.objective, resolve=True), "k": 8, "final_dim": 16, "kmeans_iters": 5,
+            **objective}
     obj = build_objective("hubert", ocfg, {modality: enc}, {modality: mcfg})
     src = resolve_source({"name": "default"}, [modality], mcfg["preset"], cache_dir)
     whole = [b for _, b in zip(range(2), iter_split(src, "train", batch_size=8, buffer=8))]
@@ -121,3 +121,77 @@ def test_steps_and_loss_against_the_literal_loss(modality: str, cache_dir: Path)
         opt.step()
     moved = [n for n, p in obj.named_parameters() if not torch.equal(before[n], p)]
     assert "label_embeddings" in moved and any(n.startswith("towers.") for n in moved)
+
+
+def test_several_codebooks_and_the_topic_head_against_the_literal_loss(cache_dir: Path) -> None:
+    """MS-HuBERT's codebooks (k=[8, 4]: one k-means each, losses summed) and HuBERTopic's head (an LDA
+    topic per item over its bag of codebook-0 units, predicted from the mean output token)."""
+    from mmssl.objectives.unit_topics import fit_topics
+
+    torch.manual_seed(0)
+    obj, enc, ctx, batch = _setup("image", cache_dir, assign="online", k=[8, 4], topics=3)
+    info = obj.prepare(ctx)
+    assert (info["targets_k"], info["targets_k_1"], info["targets_topics"]) == (8, 4, 3)
+    assert info["targets_dir"] != info["targets_dir_1"]
+    assert set(obj.heads()) == {"hubert", "hubert_1", "hubert_topic"}
+
+    # the topics: each train item's bag of units counted by brute force, then the LDA's argmax
+    ids, bags = [], []
+    cents = load_file(str(Path(info["targets_dir"]) / "centroids.safetensors"))["centroids"]
+    for b in ctx.iter_split("train"):
+        f, p = enc.adapter.unit_features(b)
+        near = _nearest(f, cents)
+        ids += b["sample_id"].tolist()
+        bags += [torch.bincount(near[i][~p[i]], minlength=8).double() for i in range(len(near))]
+    expect = fit_topics(torch.stack(bags).numpy(), 3, seed=0)
+    assert obj.topic_table.lookup(torch.tensor(ids)).tolist() == expect.tolist()
+
+    obj.eval()
+    torch.manual_seed(5)
+    got = obj(batch)
+    torch.manual_seed(5)
+    tok = enc.adapter.tokenize(batch)
+    hidden = enc.adapter.make_mask(tok, obj.mask_ratio) & ~tok.pad
+    last = enc.encode(tok, hidden, "replace").last
+    ref = sum(_literal_hubert_loss(proj(last), emb, obj.labels(batch, tok.index, tok.pad, i), hidden, 0.1)
+              for i, (proj, emb) in enumerate([(obj.final_proj, obj.label_embeddings),
+                                                (obj.extra[0].final_proj, obj.extra[0].label_embeddings)]))
+    pooled = torch.stack([last[i][~tok.pad[i]].mean(0) for i in range(len(last))])
+    topic = obj.topic_table.lookup(batch["sample_id"])
+    ref = ref + 0.1 * F.cross_entropy(obj.topic_head(pooled), topic)
+    assert got.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    assert got.metrics["loss_masked_sum"].item() == pytest.approx(
+        (got.metrics["loss_masked"] + got.metrics["loss_masked_1"]).item(), rel=1e-6)
+
+    obj.train()
+    before = {n: p.detach().clone() for n, p in obj.named_parameters()}
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        out = obj(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    moved = {n for n, p in obj.named_parameters() if not torch.equal(before[n], p)}
+    assert {"label_embeddings", "extra.0.label_embeddings", "topic_head.weight"} <= moved
+
+
+def test_table_units_give_each_item_its_bag_and_lists_are_checked() -> None:
+    """A unit table's rows as bags of units (the topic model's documents); a layer list that does not
+    match the codebooks is refused."""
+    from mmssl.objectives.hubert import _Target, _int_list
+    from mmssl.objectives.unit_targets import UnitTable
+    from mmssl.objectives.unit_topics import bag_of_units
+
+    units = torch.tensor([0, 2, 2, 1, 1, 1, 0])  # item 5: [0, 2, 2], item 3: [1, 1, 1, 0]
+    table = UnitTable(units, torch.tensor([5, 3]), torch.tensor([0, 3]), torch.tensor([3, 4]), {"k": 3})
+    ids, counts = bag_of_units(_Target(Path("."), {"k": 3}, units=table).sample_units, 3)
+    got = {int(i): c.tolist() for i, c in zip(ids, counts)}
+    assert got == {5: [1.0, 0.0, 2.0], 3: [1.0, 3.0, 0.0]}
+    assert _int_list([100, 500], "k") == [100, 500] and _int_list(None, "k") == []
+    with pytest.raises(ValueError, match="integer or a list"):
+        _int_list([100, 1.5], "k")
+    cfg = compose(["modality=image", "objective=hubert", "model.depth=1"])
+    mcfg = OmegaConf.to_container(cfg.modality.image, resolve=True)
+    enc = build_encoder(encoder_config("image", "micro", mcfg, OmegaConf.to_container(cfg.model), "hubert"))
+    with pytest.raises(ValueError, match="lists 3 layers for 2 codebooks"):
+        build_objective("hubert", {"k": [8, 4], "layer": [1, 2, 3], "targets": "layer"}, {"image": enc}, {"image": mcfg})
