@@ -51,7 +51,8 @@ _BUILTINS = ("mmssl.modalities.speech", "mmssl.modalities.image", "mmssl.modalit
              "mmssl.modalities.pairs", "mmssl.modalities.point", "mmssl.modalities.eeg",
              "mmssl.modalities.mri", "mmssl.objectives.hubert", "mmssl.objectives.mae",
              "mmssl.objectives.contrastive", "mmssl.objectives.data2vec",
-             "mmssl.objectives.distill", "mmssl.objectives.sd_further", "mmssl.data.real")
+             "mmssl.objectives.distill", "mmssl.objectives.sd_further", "mmssl.objectives.pqae",
+             "mmssl.data.real")
 _loaded = False
 
 

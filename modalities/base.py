@@ -86,6 +86,22 @@ class ModalityAdapter(nn.Module, ABC):
     def views(self, batch: Batch, n_global: int, n_local: int) -> list[Batch]:
         """-> n_global + n_local stochastic views of the batch (global ones first)."""
 
+    def cross_views(self, batch: Batch) -> tuple[Batch, Batch]:
+        """-> two decoupled views of every item for cross-view reconstruction (Point-PQAE): different,
+        overlapping crops, each of which ``tokenize`` places in its own frame, so neither view's
+        tokens say where the other lies; ``relative_position`` does."""
+        raise TypeError(f"modality {self.name!r} defines no decoupled cross views")
+
+    def relative_position(self, source: Batch, target: Batch, target_tokens: Tokens) -> torch.Tensor:
+        """-> [B, N_t, R] where each token of view ``target`` (``target_tokens = tokenize(target)``)
+        lies as seen from view ``source``'s frame: the queries of a cross-view decoder."""
+        raise TypeError(f"modality {self.name!r} defines no relative positions between views")
+
+    @property
+    def relative_dim(self) -> int:
+        """Width R of ``relative_position``."""
+        raise TypeError(f"modality {self.name!r} defines no relative positions between views")
+
     @abstractmethod
     def baseline_features(self, batch: Batch) -> torch.Tensor:
         """-> [B, F] a classical hand-made feature, for context beside learned features."""

@@ -16,7 +16,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,needle", [
     (["pretrain", "modality=klingon"], "unknown modality 'klingon'; choose one of: eeg, image, mri, point, speech, text"),
-    (["pretrain", "objective=telepathy"], "unknown objective 'telepathy'; choose one of: clap, clip, cloob, data2vec, distill, hubert, mae, sd_further"),
+    (["pretrain", "objective=telepathy"], "unknown objective 'telepathy'; choose one of: clap, clip, cloob, data2vec, distill, hubert, mae, pqae, sd_further"),
     (["pretrain", "trainer.bogus=1"], "unknown key 'trainer.bogus'"),
     (["pretrain", "nonsense=3"], "unknown key 'nonsense'"),
     (["pretrain", "modality=point", "modality.point.backbone.bogus=1"], "unknown key 'modality.point.backbone.bogus'"),

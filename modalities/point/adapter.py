@@ -44,6 +44,7 @@ VIEW_DEFAULTS: dict[str, Any] = {
     "jitter_clip": 0.05,
     "dropout_max": 0.5,  # each view drops a random fraction U(0, dropout_max) of its points
     "local_scale": (0.2, 0.5),  # local views: the fraction of points nearest a random seed point
+    "cross_scale": (0.6, 1.0),  # cross views (Point-PQAE): each keeps this fraction nearest its own seed
 }
 
 
@@ -56,6 +57,14 @@ def normalise(xyz: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     x = (xyz - centre) * w
     radius = x.norm(dim=-1).amax(1).clamp_min(1e-8)
     return x / radius[:, None, None]
+
+
+def frame(xyz: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frame ``normalise`` puts a cloud in: (centroid [B, 3], radius [B]) over real points."""
+    w = valid[..., None].to(xyz.dtype)
+    centre = (xyz * w).sum(1) / w.sum(1).clamp_min(1.0)
+    radius = ((xyz - centre[:, None]) * w).norm(dim=-1).amax(1).clamp_min(1e-8)
+    return centre, radius
 
 
 def farthest_point_sample(xyz: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -304,15 +313,8 @@ class PointAdapter(ModalityAdapter):
         rest = {k: t for k, t in batch.items() if k not in ("point", "point_len")}
         out = []
         for i in range(n_global + n_local):
-            keep = valid.clone()
-            if i >= n_global:  # a local crop: the nearest fraction of points around a random real point
-                lo, hi = (float(s) for s in v["local_scale"])
-                frac = lo + (hi - lo) * torch.rand(B, device=dev)
-                seed = (torch.rand(B, P, device=dev) * valid).argmax(1)
-                d = (base - base[torch.arange(B, device=dev), seed][:, None]).norm(dim=-1).masked_fill(~valid, float("inf"))
-                rank = torch.argsort(torch.argsort(d, 1), 1)
-                n = (frac * valid.sum(1)).ceil().clamp_min(1)
-                keep &= rank < n[:, None]
+            # a local crop: the nearest fraction of points around a random real point
+            keep = self._crop(base, valid, v["local_scale"]) if i >= n_global else valid.clone()
             drop = torch.rand(B, 1, device=dev) * float(v["dropout_max"])
             kept = keep & (torch.rand(B, P, device=dev) >= drop)
             # never drop a cloud's last point: keep the first of its kept-before-dropout points
@@ -326,6 +328,58 @@ class PointAdapter(ModalityAdapter):
             x, lens = self._compact(x, keep)
             out.append({**rest, "point": x, "point_len": lens})
         return out
+
+    def _crop(self, xyz: torch.Tensor, valid: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+        """[B, P] bool: a random fraction U(scale) of each cloud's real points, those nearest a random
+        real seed point."""
+        B, P, _ = xyz.shape
+        dev = xyz.device
+        lo, hi = (float(v) for v in scale)
+        frac = lo + (hi - lo) * torch.rand(B, device=dev)
+        seed = (torch.rand(B, P, device=dev) * valid).argmax(1)
+        d = (xyz - xyz[torch.arange(B, device=dev), seed][:, None]).norm(dim=-1).masked_fill(~valid, float("inf"))
+        rank = torch.argsort(torch.argsort(d, 1), 1)
+        n = (frac * valid.sum(1)).ceil().clamp_min(1)
+        return valid & (rank < n[:, None])
+
+    def cross_views(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Point-PQAE's decoupled views: one random rotation and anisotropic scale per cloud, shared by
+        both views, then two crops (``views.cross_scale`` of the points nearest each view's own seed
+        point) with their own jitter. The views keep the shared frame; ``tokenize`` normalises each
+        into its own unit ball, which is what decouples them. Torch's global RNG (seed it)."""
+        v = self.view_cfg
+        valid = self.valid_points(batch)
+        base = normalise(batch["point"].float(), valid)
+        B, _, _ = base.shape
+        dev = base.device
+        lo, hi = (float(s) for s in v["scale"])
+        scale = lo + (hi - lo) * torch.rand(B, 1, 3, device=dev)
+        x = torch.einsum("bpi,bji->bpj", base * scale, self._rotations(B, dev))
+        rest = {k: t for k, t in batch.items() if k not in ("point", "point_len")}
+        out = []
+        for _ in range(2):
+            keep = self._crop(x, valid, v["cross_scale"])
+            sigma, clip = float(v["jitter_sigma"]), float(v["jitter_clip"])
+            xv = x + (sigma * torch.randn_like(x)).clamp(-clip, clip)
+            xv, lens = self._compact(xv, keep)
+            out.append({**rest, "point": xv, "point_len": lens})
+        return out[0], out[1]
+
+    def relative_position(self, source: Batch, target: Batch, target_tokens: Tokens) -> torch.Tensor:
+        """Each target group centre in the source view's normalised frame, and the log ratio of the two
+        views' radii (the scale the target's groups are given in): [B, G_t, 4]."""
+        if target_tokens.coords is None:
+            raise ValueError("relative_position needs tokenize(target)'s tokens (their coords are the centres)")
+        cs, rs = frame(source["point"].float(), self.valid_points(source))
+        ct, rt = frame(target["point"].float(), self.valid_points(target))
+        shared = target_tokens.coords.float() * rt[:, None, None] + ct[:, None]  # back to the shared frame
+        where = (shared - cs[:, None]) / rs[:, None, None]
+        ratio = (rt / rs).log()[:, None, None].expand(-1, where.shape[1], 1)
+        return torch.cat([where, ratio], -1)
+
+    @property
+    def relative_dim(self) -> int:
+        return 4
 
     # -- features -------------------------------------------------------------------------------------
     #: identifies what unit_features computes, so cached unit targets are rebuilt when it changes
