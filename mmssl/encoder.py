@@ -59,6 +59,9 @@ class Encoder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.rand(backbone.dim))
         self.dim = backbone_module.cfg.dim
         self.config: dict = {}
+        #: run the backbone on packed rows (``mmssl.packing``; ``data.pack=true``): the same outputs
+        #: with less padding; a training-time setting, never exported
+        self.pack_tokens = False
 
     @property
     def depth(self) -> int:
@@ -88,11 +91,23 @@ class Encoder(nn.Module):
         if self.adapter.content_position is not None:
             x = x + self.adapter.content_position(x, pad)
         x, pad, n_prefix = self._with_prefix(x, pad)
-        last, layers, ffn = self.backbone(x, pad, return_layers, return_ffn)
+        if self.pack_tokens:
+            last, layers, ffn = self._packed_backbone(x, pad, return_layers, return_ffn)
+        else:
+            last, layers, ffn = self.backbone(x, pad, return_layers, return_ffn)
         out = EncoderOutput(last=last[:, n_prefix:], pad=tokens.pad, index=tokens.index,
                             layers=[h[:, n_prefix:] for h in layers], ffn=[f[:, n_prefix:] for f in ffn],
                             keep=keep, prefix=last[:, :n_prefix])
         return out
+
+    def _packed_backbone(self, x: torch.Tensor, pad: torch.Tensor, return_layers: bool, return_ffn: bool
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The backbone on packed rows, its outputs unpacked to x's [B, N, D] layout (zeros at padding)."""
+        from mmssl.packing import block_mask, pack, plan, unpack
+
+        p = plan(pad)
+        last, layers, ffn = self.backbone(pack(x, p), None, return_layers, return_ffn, attn_mask=block_mask(p))
+        return unpack(last, p), [unpack(h, p) for h in layers], [unpack(f, p) for f in ffn]
 
     def _with_prefix(self, x: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Prepend the prefix tokens (never padding): x [B, N, D], pad [B, N] -> ([B, P+N, D], [B, P+N], P)."""

@@ -70,6 +70,7 @@ class DataSchema:
     seed: int = spec(int)
     eval_batch_size: int = spec(int, low=1)
     on_error: str = spec(str, choices=("skip", "raise"))
+    pack: bool = spec(bool)
     sources: list = spec(list, nullable=True)  # noqa: RUF009
 
 

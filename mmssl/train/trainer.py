@@ -124,6 +124,17 @@ def check_peft(objective: Objective, t: dict[str, Any]) -> bool:
     return True
 
 
+def set_packing(objective: Objective, pack: bool) -> None:
+    """``data.pack``: every tower runs its backbone on packed rows (``mmssl.packing``)."""
+    for m, enc in objective.encoders.items():
+        if not hasattr(enc, "pack_tokens"):
+            if pack:
+                raise ValueError(f"data.pack=true packs mmssl encoders' tokens; the {m} tower "
+                                 f"({type(enc).__name__}) is not one")
+            continue
+        enc.pack_tokens = pack
+
+
 def parameter_counts(objective: Objective) -> dict[str, int]:
     """Trainable and total scalar parameters of the encoders (towers) and of the whole objective (heads,
     decoders and teachers included); shared parameters counted once."""
@@ -232,6 +243,7 @@ class Trainer:
         self.strategy = Strategy(t, self.dist, self.device)
         self.strategy.check(self.objective)
         self.objective.to(self.device)
+        set_packing(self.objective, bool(self.cfg["data"].get("pack")))
         resume_from = self._start()
         self._prepare()
         if self.strategy.sharded_checkpoints:
