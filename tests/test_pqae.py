@@ -34,7 +34,7 @@ def _normalised(x: torch.Tensor, n: int) -> torch.Tensor:
 def test_relative_positions_land_on_the_source_views_points(cache_dir: Path) -> None:
     """Without jitter, a target group centre that the source crop also holds, mapped into the source's
     own normalised frame, is one of the source's normalised points; whole-cloud crops share one frame."""
-    obj, enc, batch = _setup(cache_dir, jitter_sigma=0.0)
+    _, enc, batch = _setup(cache_dir, jitter_sigma=0.0)
     ad = enc.adapter
     torch.manual_seed(0)
     a, b = ad.cross_views(batch)
@@ -53,10 +53,11 @@ def test_relative_positions_land_on_the_source_views_points(cache_dir: Path) -> 
             if tuple(b["point"][i, j].tolist()) in shared_a:
                 assert (src - rel[i, g, :3].double()).norm(dim=1).min() < 1e-4
                 hits += 1
-        radius = lambda v, n: float((v[:n].double() - v[:n].double().mean(0)).norm(dim=1).max())  # noqa: E731
-        assert float(rel[i, 0, 3]) == pytest.approx(float(torch.log(torch.tensor(radius(b["point"][i], nb) / radius(a["point"][i], na)))), abs=1e-5)
+        ra, rb = (float((v[:n].double() - v[:n].double().mean(0)).norm(dim=1).max())
+                  for v, n in ((a["point"][i], na), (b["point"][i], nb)))
+        assert float(rel[i, 0, 3]) == pytest.approx(float(torch.log(torch.tensor(rb / ra))), abs=1e-5)
     assert hits > 10  # the crops overlap
-    obj, enc, batch = _setup(cache_dir, jitter_sigma=0.0, cross_scale=[1.0, 1.0])
+    _, enc, batch = _setup(cache_dir, jitter_sigma=0.0, cross_scale=[1.0, 1.0])
     torch.manual_seed(0)
     a, b = enc.adapter.cross_views(batch)
     tb = enc.adapter.tokenize(b)
