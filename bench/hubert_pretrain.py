@@ -340,7 +340,7 @@ def _compare_case(ref, obj, b: int, samples: int, lens: list[int], k: int, devic
 
     ref.mask_generator.forward = fixed_mask
     obj.encoder.adapter.make_mask = lambda tokens, ratio, generator=None, _m=mask: _m
-    obj.units = unit_table(labels, nf, k)
+    obj.use_units(unit_table(labels, nf, k))
     captured: dict[str, torch.Tensor] = {}
     hooks = [ref.logit_generator.final_proj.register_forward_hook(lambda m, i, o: captured.update(ref_h=i[0])),
              obj.final_proj.register_forward_hook(lambda m, i, o: captured.update(mm_h=i[0], mm_p=o))]
@@ -462,7 +462,7 @@ def run_side(name: str, args, device: torch.device, shape: str, samples: int) ->
     if name.startswith("mmssl"):
         obj = build_mmssl(shape, args.k, DROPOUTS).to(device).train()
         nf = torch.full((args.batch,), num_frames(samples), device=device)
-        obj.units = unit_table(batch["labels"], nf, args.k)
+        obj.use_units(unit_table(batch["labels"], nf, args.k))
         from mmssl.train.trainer import param_groups
 
         fused = True

@@ -102,10 +102,13 @@ class Encoder(nn.Module):
 
     def _packed_backbone(self, x: torch.Tensor, pad: torch.Tensor, return_layers: bool, return_ffn: bool
                          ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """The backbone on packed rows, its outputs unpacked to x's [B, N, D] layout (zeros at padding)."""
+        """The backbone on packed rows, its outputs unpacked to x's [B, N, D] layout (zeros at padding);
+        the padded batch as it is where no two items share a row."""
         from mmssl.packing import block_mask, pack, plan, unpack
 
         p = plan(pad)
+        if p.rows == pad.shape[0]:
+            return self.backbone(x, pad, return_layers, return_ffn)
         last, layers, ffn = self.backbone(pack(x, p), None, return_layers, return_ffn, attn_mask=block_mask(p))
         return unpack(last, p), [unpack(h, p) for h in layers], [unpack(f, p) for f in ffn]
 

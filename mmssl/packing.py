@@ -56,7 +56,8 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 def plan(pad: torch.Tensor) -> Packing:
     """The packing of a padded batch: pad [B, N] bool (True = padding) -> Packing into rows of N.
 
-    One host synchronisation (the item lengths), which is what lets the rows be fewer."""
+    Two host synchronisations (the item lengths, and the real tokens' positions), which is what lets
+    the rows be fewer."""
     B, N = pad.shape
     real = ~pad
     lengths = real.sum(1).tolist()

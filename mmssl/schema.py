@@ -81,7 +81,9 @@ OBJECTIVE_KEYS = {
     "unmasked_weight": spec(float, low=0),
     "temperature": spec(float, low=0, low_open=True),
     "k": spec((int, list), low=2, nullable=True),  # a list: one codebook per k (hubert)
+    "layer": spec((int, list), low=1, nullable=True),  # a list: one teacher layer per codebook (hubert)
     "topics": spec(int, low=2, nullable=True),
+    "topic_iters": spec(int, low=1),
     "topic_weight": spec(float, low=0),
     "locate_weight": spec(float, low=0, nullable=True),
     "distill_weight": spec(float, low=0),
@@ -174,7 +176,9 @@ def _problem(value: Any, meta: dict[str, Any]) -> str | None:
             return "expected a list"
         if len(kinds) == 1:
             return None
-        scalar = {**meta, "kind": tuple(k for k in kinds if k is not list)}
+        if not value:
+            return "expected a non-empty list"
+        scalar = {**meta, "kind": tuple(k for k in kinds if k is not list), "nullable": False}
         return next((f"[{i}]: {why}" for i, v in enumerate(value) if (why := _problem(v, scalar))), None)
     if float not in kinds and int not in kinds:
         return "expected a string"

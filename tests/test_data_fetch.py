@@ -224,3 +224,42 @@ def test_stanzas_fold_continuation_lines() -> None:
     idx = "Package: a\nSection: libs\nDescription: one\nTag: x,\n y\n\nPackage: b\nSection: doc\n"
     assert dd.stanzas(idx) == [{"Package": "a", "Section": "libs", "Description": "one", "Tag": "x,\ny"},
                                {"Package": "b", "Section": "doc"}]
+
+
+def test_ring_count_reads_ring_closures_not_bracket_digits() -> None:
+    from mmssl.data.real.qm9 import ring_count
+
+    assert [ring_count(s) for s in ("C", "C1CC1", "c1ccc2ccccc2c1", "C1CC2CC1C2", "[NH3+]CC", "C%10CC%10")] == [0, 1, 2, 2, 0, 1]
+
+
+def test_fetch_qm9_from_a_wheel_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for the qm9pack wheel (its layout and CSV columns, three molecules of each ring
+    class) already in the cache: unzipped, licence recorded from METADATA, one .npy cloud per
+    molecule with its atoms, packed; nothing is installed."""
+    import zipfile
+
+    from mmssl.data import fetch as fetch_mod
+    from mmssl.data.real import qm9
+
+    monkeypatch.setattr(qm9, "PER_CLASS", 3)
+    wheels = tmp_path / "c" / "real" / "qm9" / "wheels"
+    wheels.mkdir(parents=True)
+    rows = ["XYZ_file,Index,SMILES,N_atoms,XYZ_Ang"]
+    smiles = {"rings-0": "CC", "rings-1": "C1CC1", "rings-2": "C1CC2CC1C2", "rings-3+": "C12C3C1C23"}
+    i = 0
+    for c, smi in smiles.items():
+        for j in range(3):
+            i += 1
+            xyz = [[0.1 * i, 0.0, 1.0], [0.5, 0.2 * j, 0.0], [1.0, 1.0, 1.0 + j]]
+            rows.append(f'"dsgdb9nsd_{i:06d}.xyz",{i},"{smi}",3,"{str(xyz).replace(" ", "")}"')
+    with zipfile.ZipFile(wheels / "qm9pack-1.0.3-py3-none-any.whl", "w") as z:
+        z.writestr("qm9pack/data/qm9_part1.csv", "\n".join(rows) + "\n")
+        z.writestr("qm9pack-1.0.3.dist-info/METADATA", "Metadata-Version: 2.1\nName: qm9pack\nLicense: MIT\n")
+        z.writestr("qm9pack-1.0.3.dist-info/LICENSE", "MIT License\n")
+    monkeypatch.setattr(fetch_mod, "run_tool", lambda *a, **k: pytest.fail("nothing should be downloaded"))
+    out = fetch_mod.fetch("qm9", tmp_path / "c", log=lambda line: None)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == list(smiles) and sum(s["count"] for s in meta["splits"].values()) == 12
+    assert meta["fetched"][0]["package"] == "qm9pack" and meta["fetched"][0]["licences"] == ["MIT"]
+    clouds = sorted((tmp_path / "c" / "real" / "qm9" / "tree" / "rings-2").glob("*.npy"))
+    assert len(clouds) == 3 and np.load(clouds[0]).shape == (3, 3)

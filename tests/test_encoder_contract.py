@@ -104,8 +104,8 @@ def test_masked_content_cannot_leak() -> None:
     b = {**speech_batch([16000, 11000]), "sample_id": torch.tensor([0, 1])}
     t = enc.adapter.tokenize(b)
     N = t.x.shape[1]
-    obj.units = UnitTable(torch.randint(0, 7, (2 * N,), dtype=torch.int16), torch.tensor([0, 1]),
-                          torch.tensor([0, N]), torch.tensor([N, N]), {"k": 7})
+    obj.use_units(UnitTable(torch.randint(0, 7, (2 * N,), dtype=torch.int16), torch.tensor([0, 1]),
+                          torch.tensor([0, N]), torch.tensor([N, N]), {"k": 7}))
     mask = enc.adapter.make_mask(t, 0.5, torch.Generator().manual_seed(3))
     t2 = type(t)(torch.where(mask[..., None], torch.randn_like(t.x) * 100, t.x), t.pos, t.pad, t.index)
     with torch.no_grad():

@@ -162,6 +162,12 @@ def test_several_codebooks_and_the_topic_head_against_the_literal_loss(cache_dir
     assert got.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
     assert got.metrics["loss_masked_sum"].item() == pytest.approx(
         (got.metrics["loss_masked"] + got.metrics["loss_masked_1"]).item(), rel=1e-6)
+    calls = []
+    for t in obj.targets:  # both codebooks label from one computation of the features per step
+        t.features = (lambda f: lambda b: calls.append(1) or f(b))(t.features)
+    torch.manual_seed(5)
+    again = obj(batch)
+    assert len(calls) == 1 and again.loss.item() == pytest.approx(got.loss.item(), rel=1e-6)
 
     obj.train()
     before = {n: p.detach().clone() for n, p in obj.named_parameters()}

@@ -338,8 +338,8 @@ def hubert_head(ck: FairseqCheckpoint) -> tuple[nn.Module | None, str]:
         return None, "no final_proj / label_embs_concat"
     emb, w = sd["label_embs_concat"], sd["final_proj.weight"]
     if bool(ck.arch.get("untie_final_proj")) or w.shape[0] != emb.shape[1]:
-        return None, (f"final_proj {tuple(w.shape)} projects to several label sets; the hubert objective "
-                      f"predicts one")
+        return None, (f"final_proj {tuple(w.shape)} projects to several label sets (untied); its heads are "
+                      f"not converted (mmssl's several codebooks, objective.k=[...], start fresh)")
     rows, how = _unit_rows(ck, int(emb.shape[0]))
     if rows is not None:
         emb = emb[rows]

@@ -1,5 +1,5 @@
-"""``mmssl data fetch NAME``: a real, human-made evaluation set from the Debian archive, installed
-without root and packed by the same code as ``mmssl data pack``.
+"""``mmssl data fetch NAME``: a real, human-made evaluation set from the Debian archive (or a PyPI
+wheel that ships data), installed without root and packed by the same code as ``mmssl data pack``.
 
 Each set (``mmssl.data.real``) names its Debian packages and how to lay their files out as a class
 tree. Fetching runs ``apt-get download`` (no root: the .deb lands in the cache) and ``dpkg-deb -x``
@@ -10,7 +10,7 @@ nothing is downloaded at run time (an unfetched set is a one-line error naming t
 
 Layout under the cache (``cache_dir=``, else ``$MMSSL_CACHE``, else ``~/.cache/mmssl``)::
 
-    real/<name>/debs/       the downloaded .deb files
+    real/<name>/debs/       the downloaded .deb files (wheels/: the .whl files of a PyPI-sourced set)
     real/<name>/root/       their unpacked contents
     real/<name>/LICENSES/   <package>.copyright, as shipped
     real/<name>/tree/       the class tree handed to the packer
@@ -53,6 +53,7 @@ class RealSet:
     num_shards: int = 8
     extra_licence: str = ""  # where the data is not a package's file (the archive's own index)
     per_package_root: bool = False  # unpack each package into root/<package> (build tells them apart)
+    wheels: tuple[str, ...] = ()  # PyPI wheels (``name==version``), each unpacked into root/<name>
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -173,14 +174,57 @@ def download(packages: tuple[str, ...], debs: Path, root: Path, lic_dir: Path, l
     return records
 
 
+def download_wheels(specs: tuple[str, ...], wheels: Path, root: Path, lic_dir: Path, log: Callable[[str], None]
+                    ) -> list[dict[str, Any]]:
+    """``pip download --no-deps`` each ``name==version`` wheel into ``wheels`` (skipped when there), unzip
+    it into ``root/<name>`` (nothing is installed), copy its licence file into ``lic_dir``; one record per
+    wheel (a wheel without a licence file or a ``License`` field is refused, as a package without a
+    copyright file is)."""
+    import sys
+    import zipfile
+
+    wheels.mkdir(parents=True, exist_ok=True)
+    lic_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for spec in specs:
+        name, _, version = spec.partition("==")
+        stem = name.replace("-", "_")
+        have = sorted(wheels.glob(f"{stem}-{version or '*'}-*.whl"))
+        if not have:
+            log(f"  pip download --no-deps {spec}  (into {wheels})")
+            run_tool([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), spec])
+            have = sorted(wheels.glob(f"{stem}-{version or '*'}-*.whl"))
+            if not have:
+                raise FetchError(f"`pip download {spec}` wrote no {stem}-*.whl into {wheels}")
+        whl = have[-1]
+        into = root / name
+        log(f"  unzip {whl.name} {into}")
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(into)
+        info = next(into.glob("*.dist-info"), None)
+        meta = (info / "METADATA").read_text(encoding="utf-8", errors="replace") if info else ""
+        files = sorted(f for f in (info.rglob("LICEN[CS]E*") if info else []) if f.is_file())
+        text = files[0].read_text(encoding="utf-8", errors="replace") if files else ""
+        declared = [m.strip() for m in re.findall(r"^License(?:-Expression)?:[ \t]*(\S[^\n]*)$", meta, re.M)]
+        found = declared or licences(text)
+        if not text and not declared:
+            raise FetchError(f"{whl.name} ships no licence file and no License field: its licence is unknown, not packed")
+        (lic_dir / f"{name}.license").write_text(text or meta, encoding="utf-8")
+        records.append({"package": name, "version": whl.name.split("-")[1], "wheel": whl.name,
+                        "licences": found, "copyright": f"LICENSES/{name}.license"})
+    return records
+
+
 # -- fetch ----------------------------------------------------------------------------------------------
 def plan(s: RealSet, cache_dir: Path) -> list[str]:
     """What ``fetch`` installs and where, as lines to print before it starts."""
     d = set_dir(cache_dir, s)
-    what = (f"Debian package{'s' if len(s.packages) > 1 else ''} {', '.join(s.packages)}" if s.packages
-            else "nothing: it reads this machine's apt package index")
+    what = (f"Debian package{'s' if len(s.packages) > 1 else ''} {', '.join(s.packages)}, without root "
+            f"(apt-get download + dpkg-deb -x)" if s.packages
+            else f"the PyPI wheel{'s' if len(s.wheels) > 1 else ''} {', '.join(s.wheels)}, unpacked, not installed "
+            f"(pip download --no-deps)" if s.wheels else "nothing: it reads this machine's apt package index")
     return [f"real data set {s.name!r} ({s.modality}): {s.summary}",
-            f"  installs {what}, without root (apt-get download + dpkg-deb -x)",
+            f"  installs {what}",
             f"  into {d} (debs/, root/, LICENSES/, tree/); packed shards in {packed_dir(cache_dir, s)}",
             f"  then train/probe with data={s.preset}"]
 
@@ -200,6 +244,7 @@ def fetch(name: str, cache_dir: Path, force: bool = False, log: Callable[[str], 
         return out
     root, tree = d / "root", d / "tree"
     records = download(s.packages, d / "debs", root, d / "LICENSES", log, s.per_package_root)
+    records += download_wheels(s.wheels, d / "wheels", root, d / "LICENSES", log)
     if tree.exists():
         shutil.rmtree(tree)
     tmp = d / "tree.tmp"

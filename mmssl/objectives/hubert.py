@@ -34,6 +34,7 @@ from filelock import FileLock
 from torch import nn
 
 from mmssl.encoder import Encoder, masked_mean
+from mmssl.errors import ConfigError
 from mmssl.objectives.base import Objective, PrepareContext
 from mmssl.objectives.hubert_loss import unit_logits
 from mmssl.objectives.unit_targets import (
@@ -49,7 +50,7 @@ from mmssl.objectives.unit_targets import (
     load_codebook,
     load_units,
 )
-from mmssl.objectives.unit_topics import TopicTable, fit_or_load_topics
+from mmssl.objectives.unit_topics import TopicTable, fit_or_load_topics, topics_path
 from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, ObjectiveOutput
 
@@ -68,7 +69,7 @@ def _int_list(value: Any, key: str) -> list[int]:
         return []
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ValueError(f"{key} must be an integer or a list of integers, not {value!r}")
+        raise ConfigError(f"{key} must be an integer or a list of integers, not {value!r}")
     return [int(v) for v in values]
 
 
@@ -92,19 +93,26 @@ class _Target:
         self.path, self.meta, self.units, self.codebook, self.features = path, meta, units, codebook, features
         self._ctx = ctx
 
-    def labels(self, batch: Batch, index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """The unit of every token [B, N] (-100 at padding)."""
-        if self.codebook is not None and self.features is not None:
-            # in float32 outside any autocast, as the features the centroids were fitted on
-            with torch.no_grad(), torch.autocast(pad.device.type, enabled=False):
-                feats, _ = self.features(batch)
+    @property
+    def online(self) -> bool:
+        return self.codebook is not None and self.features is not None
+
+    def labels(self, batch: Batch, index: torch.Tensor, pad: torch.Tensor,
+               feats: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit of every token [B, N] (-100 at padding); ``feats`` [B, N, F]: this step's unit
+        features when the caller computed them already (several codebooks on one feature)."""
+        if self.online:
+            if feats is None:
+                # in float32 outside any autocast, as the features the centroids were fitted on
+                with torch.no_grad(), torch.autocast(pad.device.type, enabled=False):
+                    feats, _ = self.features(batch)  # type: ignore[misc]
             if tuple(feats.shape[:2]) != tuple(pad.shape):
                 raise ValueError(f"unit features {tuple(feats.shape[:2])} do not align with the tokens {tuple(pad.shape)}")
-            return self.codebook.assign(feats, pad)
+            return self.codebook.assign(feats, pad)  # type: ignore[union-attr]
         if self.units is None:
             raise RuntimeError("HuBERT targets are not prepared: call prepare() first")
         if index.shape[-1] != 1:
-            raise ValueError("objective.assign=table looks units up by index[..., 0], a position only in "
+            raise ConfigError("objective.assign=table looks units up by index[..., 0], a position only in "
                              "one-dimensional token sequences; use objective.assign=online")
         return self.units.lookup(batch["sample_id"], index[..., 0], pad)
 
@@ -147,19 +155,19 @@ class HuBERT(Objective):
         # "mfcc": this option's name while speech was the only adapter with unit features
         self.target_kind = "features" if kind == "mfcc" else kind
         if self.target_kind not in ("features", "layer"):
-            raise ValueError(f"objective.targets must be 'features' or 'layer', not {kind!r}")
+            raise ConfigError(f"objective.targets must be 'features' or 'layer', not {kind!r}")
         self.assign = cfg.get("assign") or "table"
         if self.assign not in ("table", "online"):
-            raise ValueError(f"objective.assign must be 'table' or 'online', not {self.assign!r}")
+            raise ConfigError(f"objective.assign must be 'table' or 'online', not {self.assign!r}")
         default_k = 100 if self.target_kind == "features" else 500
         self.ks = _int_list(cfg.get("k"), "objective.k") or [default_k]
         layers = _int_list(cfg.get("layer"), "objective.layer") or [None]
         if len(layers) not in (1, len(self.ks)):
-            raise ValueError(f"objective.layer lists {len(layers)} layers for {len(self.ks)} codebooks "
+            raise ConfigError(f"objective.layer lists {len(layers)} layers for {len(self.ks)} codebooks "
                              f"(objective.k): give one layer, or one per codebook")
         self.layers: list[int | None] = layers * len(self.ks) if len(layers) == 1 else layers
         if cfg.get("targets_dir") and len(self.ks) > 1:
-            raise ValueError("objective.targets_dir names one unit table; with several codebooks (a list "
+            raise ConfigError("objective.targets_dir names one unit table; with several codebooks (a list "
                              "objective.k) leave it unset: each codebook is cached under cache_dir/units")
         self.k = self.ks[0]
         final_dim = int(cfg.get("final_dim", 256))
@@ -188,6 +196,11 @@ class HuBERT(Objective):
             out["hubert_topic"] = self.topic_head
         return out
 
+    def use_units(self, table: UnitTable) -> None:
+        """Train codebook 0 on a given unit table instead of ``prepare``'s (benchmarks and tests that
+        bring their own labels)."""
+        self.targets = [_Target(Path("."), table.meta, units=table)]
+
     def _unit_heads(self) -> list[tuple[nn.Linear, torch.Tensor]]:
         """(projection, unit embeddings [k, final_dim]) of each codebook, in ``objective.k``'s order."""
         return [(self.final_proj, self.label_embeddings)] + [(e.final_proj, e.label_embeddings) for e in self.extra]
@@ -204,14 +217,14 @@ class HuBERT(Objective):
 
         teacher_path = self.cfg.get("teacher")
         if not teacher_path:
-            raise ValueError("objective.targets=layer needs objective.teacher=RUN_DIR (a previous run)")
+            raise ConfigError("objective.targets=layer needs objective.teacher=RUN_DIR (a previous run)")
         enc_dir = resolve_encoder_dir(Path(teacher_path), self.modality)
         if not self._teacher:
             self._teacher = [load_encoder(enc_dir)]
         teacher = self._teacher[0]
         layer = int(layer_given or max(1, round(2 * teacher.depth / 3)))
         if not 1 <= layer <= teacher.depth:
-            raise ValueError(f"objective.layer must be in 1..{teacher.depth}, got {layer}")
+            raise ConfigError(f"objective.layer must be in 1..{teacher.depth}, got {layer}")
         meta.update(teacher=str(enc_dir), teacher_sha1=_file_sha1(enc_dir / "model.safetensors"), layer=layer)
 
         def feats(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,9 +263,12 @@ class HuBERT(Objective):
         if all(t.units is not None for t in self.targets):
             self._teacher = []  # tables of a teacher's units need the teacher no more
         if self.topic_head is not None:
-            table = fit_or_load_topics(self.targets[0].sample_units, self.targets[0].path, self.k, self.topics,
-                                       seed=int(self.cfg.get("kmeans_seed", 0)), is_main=ctx.is_main,
-                                       barrier=ctx.barrier)
+            seed, iters = int(self.cfg.get("kmeans_seed", 0)), int(self.cfg.get("topic_iters", 20))
+            first = self.targets[0]
+            stem = topics_path(ctx.cache_dir / "units", first.path, self.topics, seed,
+                               "online" if first.online else "table", iters)
+            table = fit_or_load_topics(first.sample_units, stem, self.k, self.topics, seed, iters,
+                                       is_main=ctx.is_main, barrier=ctx.barrier)
             self.topic_table = table.to(ctx.device)
             info.update(targets_topics=self.topics, targets_topics_used=table.meta["used"],
                         targets_topics_perplexity=table.meta["perplexity"])
@@ -303,6 +319,22 @@ class HuBERT(Objective):
             info["targets_layer"] = m["layer"]
         return target, info
 
+    def _shared_features(self, batch: Batch) -> dict[int | None, torch.Tensor]:
+        """This step's unit features, once for every online codebook that shares them: the adapter's
+        features (key None), or the teacher's layers from one pass (key: the layer). Empty with one
+        codebook or with tables."""
+        online = [i for i, t in enumerate(self.targets) if t.online]
+        if len(online) < 2:
+            return {}
+        with torch.no_grad(), torch.autocast(batch[self.modality].device.type, enabled=False):
+            if self.target_kind == "features":
+                feats, _ = self.targets[online[0]].features(batch)  # type: ignore[misc]
+                return {None: feats}
+            t = self._teacher[0]
+            t.to(batch[self.modality].device).eval()
+            layers = t(batch, return_layers=True).layers
+        return {self.layers[i]: layers[int(self.targets[i].meta["layer"]) - 1] for i in online}
+
     def labels(self, batch: Batch, index: torch.Tensor, pad: torch.Tensor, codebook: int = 0) -> torch.Tensor:
         """The unit of every token [B, N] (-100 at padding) in codebook ``codebook``: looked up in the
         table, or assigned now from the features of this very batch (``assign: online``)."""
@@ -322,8 +354,11 @@ class HuBERT(Objective):
         nm, nu = m.sum().clamp_min(1.0), u.sum().clamp_min(1.0)
         loss_m = loss_u = torch.zeros((), device=m.device)
         metrics: dict[str, torch.Tensor] = {}
+        shared = self._shared_features(batch)
         for i, (proj, emb) in enumerate(self._unit_heads()):
-            labels = self.labels(batch, tok.index, tok.pad, i)  # [B, N]
+            if not self.targets:
+                raise RuntimeError("HuBERT targets are not prepared: call prepare() first")
+            labels = self.targets[i].labels(batch, tok.index, tok.pad, shared.get(self.layers[i]))  # [B, N]
             B, N = labels.shape
             target = labels.reshape(-1).clamp_min(0)
             # Every frame's logits in one matmul; masks weight the per-frame loss afterwards, so the
@@ -339,8 +374,9 @@ class HuBERT(Objective):
             if len(self.ks) > 1:
                 metrics[f"loss_masked{tag}"] = lm.detach()
         loss = loss_m + self.unmasked_weight * loss_u if self.unmasked_weight else loss_m
-        metrics["loss_masked" if len(self.ks) == 1 else "loss_masked_sum"] = loss_m.detach()
-        metrics["loss_unmasked"] = loss_u.detach()
+        several = len(self.ks) > 1
+        metrics["loss_masked_sum" if several else "loss_masked"] = loss_m.detach()
+        metrics["loss_unmasked_sum" if several else "loss_unmasked"] = loss_u.detach()
         metrics["mask_fraction"] = m.sum() / real.float().sum().clamp_min(1.0)
         if self.topic_head is not None:
             if self.topic_table is None:

@@ -35,6 +35,21 @@ class PQAE(Objective):
 
     needs = ("cross_views", "decoupled cross views with their relative positions")
 
+    @classmethod
+    def supports(cls, modalities: list[str]) -> str | None:
+        """The ``needs`` check for all three members an adapter must define."""
+        from mmssl.modalities.base import ModalityAdapter
+        from mmssl.registry import MODALITIES
+
+        why = super().supports(modalities)
+        if why is None:
+            for m in modalities:
+                adapter = MODALITIES.get(m)
+                for member in ("relative_position", "relative_dim"):
+                    if getattr(adapter, member) is getattr(ModalityAdapter, member):
+                        return f"objective {cls.name!r} needs {member} (relative positions between views), which modality {m!r} lacks"
+        return why
+
     def __init__(self, tower: tuple[str, Encoder], cfg: dict[str, Any]) -> None:
         super().__init__()
         self.modality, encoder = tower

@@ -2,10 +2,11 @@
 
 Each training item is a document whose words are its units; latent Dirichlet allocation
 (scikit-learn's, batch variational Bayes) over the items' bags of units gives each item a topic
-mixture, and its most probable topic is its label. Fitted once per unit table and cached beside it
-(``topics-T<T>-s<seed>.safetensors`` + ``.json``), as the units themselves are."""
+mixture, and its most probable topic is its label. Fitted once per unit table and cached beside
+mmssl's unit tables (``<units>-<hash>.topics-T<T>-s<seed>-i<iters>-<assign>.safetensors`` + ``.json``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from mmssl.errors import read_json_object, read_safetensors
+from mmssl.errors import BadFileError, read_json_object, read_safetensors
 
 SampleUnits = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # -> (sample ids [B], units [B, N])
 
@@ -76,18 +77,27 @@ def _usage(labels: np.ndarray, topics: int) -> dict[str, Any]:
             "max_fraction": float(p.max()) if len(p) else 0.0}
 
 
-def fit_or_load_topics(sample_units: SampleUnits, units_dir: Path, k: int, topics: int, seed: int = 0,
-                       is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> TopicTable:
-    """The topic table of the unit table in ``units_dir``: fitted by the main rank on the first call
-    (written atomically beside the units), read from there afterwards."""
-    stem = Path(units_dir) / f"topics-T{topics}-s{seed}"
-    weights, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+def topics_path(cache_root: Path, units_dir: Path, topics: int, seed: int, assign: str, max_iter: int) -> Path:
+    """Where the topics of the units in ``units_dir`` are cached: beside mmssl's own unit tables (never
+    inside a user's ``targets_dir``), named by everything that makes them."""
+    where = hashlib.sha1(str(Path(units_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(cache_root) / f"{Path(units_dir).name}-{where}.topics-T{topics}-s{seed}-i{max_iter}-{assign}"
+
+
+def fit_or_load_topics(sample_units: SampleUnits, stem: Path, k: int, topics: int, seed: int = 0,
+                       max_iter: int = 20, is_main: bool = True,
+                       barrier: Callable[[], None] = lambda: None) -> TopicTable:
+    """The topic table cached at ``stem`` (``topics_path``): fitted by the main rank on the first call
+    (written atomically), read afterwards; a cached table of other units (k, item count) is refused."""
+    weights, meta_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
     if is_main and not meta_path.exists():
+        stem.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(stem) + ".lock"):
             if not meta_path.exists():
                 ids, counts = bag_of_units(sample_units, k)
-                labels = fit_topics(counts, topics, seed)
-                meta = {"topics": topics, "seed": seed, "k": k, "num_samples": len(ids), **_usage(labels, topics)}
+                labels = fit_topics(counts, topics, seed, max_iter)
+                meta = {"topics": topics, "seed": seed, "max_iter": max_iter, "k": k, "num_samples": len(ids),
+                        **_usage(labels, topics)}
                 tmp = weights.with_name(weights.name + ".tmp")
                 save_file({"sample_ids": torch.from_numpy(ids), "topics": torch.from_numpy(labels)}, str(tmp))
                 os.replace(tmp, weights)
@@ -95,6 +105,11 @@ def fit_or_load_topics(sample_units: SampleUnits, units_dir: Path, k: int, topic
                 tmp.write_text(json.dumps(meta, indent=2))
                 os.replace(tmp, meta_path)  # last: its presence says the pair is whole
     barrier()
-    meta = read_json_object(meta_path, "a topic table's meta", ("topics",))
+    meta = read_json_object(meta_path, "a topic table's meta", ("topics", "k"))
+    if int(meta["k"]) != k or int(meta["topics"]) != topics:
+        raise BadFileError(meta_path, f"holds {meta['topics']} topics over k={meta['k']} units, this run "
+                                      f"wants {topics} over k={k}: delete it to refit")
     t = read_safetensors(weights, "a topic table")
+    if "sample_ids" not in t or "topics" not in t:
+        raise BadFileError(weights, "lacks sample_ids or topics (expected a topic table)")
     return TopicTable(t["sample_ids"], t["topics"], meta)

@@ -125,13 +125,18 @@ def check_peft(objective: Objective, t: dict[str, Any]) -> bool:
 
 
 def set_packing(objective: Objective, pack: bool) -> None:
-    """``data.pack``: every tower runs its backbone on packed rows (``mmssl.packing``)."""
+    """``data.pack``: every tower runs its backbone on packed rows (``mmssl.packing``). Teachers (EMA,
+    iteration-2 units) run padded: they give the same outputs either way."""
     for m, enc in objective.encoders.items():
         if not hasattr(enc, "pack_tokens"):
             if pack:
-                raise ValueError(f"data.pack=true packs mmssl encoders' tokens; the {m} tower "
-                                 f"({type(enc).__name__}) is not one")
+                raise ConfigError(f"data.pack=true packs mmssl encoders' tokens; the {m} tower "
+                                  f"({type(enc).__name__}) is not one")
             continue
+        if pack and enc.backbone_cfg.drop_path > 0:
+            # stochastic depth draws one decision per row: packed items would share it
+            raise ConfigError(f"data.pack=true with modality.{m}.backbone.drop_path="
+                              f"{enc.backbone_cfg.drop_path}: drop path is drawn per row; set it to 0 or leave data.pack off")
         enc.pack_tokens = pack
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmssl.errors import UnknownNameError
 from mmssl.modalities.base import ModalityAdapter, local_view_side
 from mmssl.modalities.common import (
     cpu_uniform,
@@ -215,7 +216,7 @@ class MRIAdapter(ModalityAdapter):
     def contrast_index(self, name: str) -> int:
         low = [c.lower() for c in self.contrasts]
         if name.lower() not in low:
-            raise KeyError(f"unknown contrast {name!r}; this model has {', '.join(self.contrasts)}")
+            raise UnknownNameError(f"unknown contrast {name!r}; this model has {', '.join(self.contrasts)}")
         return low.index(name.lower())
 
     # -- masked modelling -----------------------------------------------------------------------------
