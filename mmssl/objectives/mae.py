@@ -49,6 +49,15 @@ def scatter_visible(h: torch.Tensor, out: EncoderOutput, n: int, mask_token: tor
     return mt.expand(B, n, E).clone().scatter_(1, out.keep[..., None].expand(-1, -1, E), h)
 
 
+def mae_init(modules: list[nn.Module]) -> None:
+    """MAE's initialisation of a decoder: xavier-uniform linears, zero biases."""
+    for m in modules:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 @OBJECTIVES.register("mae")
 class MAE(Objective):
     name = "mae"
@@ -114,11 +123,7 @@ class MAE(Objective):
             self.locate_head = nn.Linear(encoder.dim, coord_dim)
             nn.init.trunc_normal_(self.locate_head.weight, std=0.02)
             nn.init.zeros_(self.locate_head.bias)
-        for m in [self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.decoder.modules()]:
-            if isinstance(m, nn.Linear):  # MAE's initialisation: xavier-uniform linears, zero biases
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        mae_init([self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.decoder.modules()])
 
     @property
     def encoder(self) -> Encoder:

@@ -24,7 +24,7 @@ from torch import nn
 from mmssl.backbone import Backbone, BackboneConfig
 from mmssl.encoder import Encoder
 from mmssl.objectives.base import Objective
-from mmssl.objectives.mae import PAPER_DECODER
+from mmssl.objectives.mae import PAPER_DECODER, mae_init
 from mmssl.registry import OBJECTIVES
 from mmssl.types import Batch, EncoderOutput, ObjectiveOutput, Tokens
 
@@ -75,11 +75,7 @@ class PQAE(Objective):
         self.decoder = Backbone(self.decoder_cfg)
         self.decoder_pred = nn.Linear(E, adapter.target_dim)
         nn.init.normal_(self.query_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.query_pos, *self.decoder.modules()]:
-            if isinstance(m, nn.Linear):  # MAE's initialisation: xavier-uniform linears, zero biases
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        mae_init([self.decoder_embed, self.decoder_pos, self.decoder_pred, *self.query_pos, *self.decoder.modules()])
 
     @property
     def encoder(self) -> Encoder:
