@@ -68,6 +68,18 @@ def _literal_hubert_loss(proj: torch.Tensor, emb: torch.Tensor, labels: torch.Te
     return torch.stack(terms).mean()
 
 
+def _step_and_replay(obj, enc, batch, seed: int = 5):
+    """The objective's output in eval mode (no dropout), and the same step replayed by hand with the
+    same mask draw: (output, tokens, hidden real tokens [B, N], the student's last layer [B, N, D])."""
+    obj.eval()
+    torch.manual_seed(seed)
+    got = obj(batch)
+    torch.manual_seed(seed)
+    tok = enc.adapter.tokenize(batch)
+    hidden = enc.adapter.make_mask(tok, obj.mask_ratio) & ~tok.pad
+    return got, tok, hidden, enc.encode(tok, hidden, "replace").last
+
+
 def _nearest(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Brute-force nearest centroid of each row: argmin of the squared distance, in float64."""
     d = ((feats.double()[..., None, :] - centroids.double()) ** 2).sum(-1)
@@ -98,13 +110,7 @@ def test_steps_and_loss_against_the_literal_loss(modality: str, cache_dir: Path)
     assert bool((labels[pad] == -100).all())
 
     # the loss against the literal formula, with the same mask draw, in eval mode (no dropout)
-    obj.eval()
-    torch.manual_seed(5)
-    got = obj(batch)
-    torch.manual_seed(5)
-    tok = enc.adapter.tokenize(batch)
-    hidden = enc.adapter.make_mask(tok, obj.mask_ratio) & ~tok.pad
-    last = enc.encode(tok, hidden, "replace").last
+    got, _, hidden, last = _step_and_replay(obj, enc, batch)
     ref = _literal_hubert_loss(obj.final_proj(last), obj.label_embeddings, labels, hidden, 0.1)
     assert got.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
     assert 0.3 < float(got.metrics["mask_fraction"]) < 0.8
@@ -146,13 +152,7 @@ def test_several_codebooks_and_the_topic_head_against_the_literal_loss(cache_dir
     expect = fit_topics(torch.stack(bags).numpy(), 3, seed=0)
     assert obj.topic_table.lookup(torch.tensor(ids)).tolist() == expect.tolist()
 
-    obj.eval()
-    torch.manual_seed(5)
-    got = obj(batch)
-    torch.manual_seed(5)
-    tok = enc.adapter.tokenize(batch)
-    hidden = enc.adapter.make_mask(tok, obj.mask_ratio) & ~tok.pad
-    last = enc.encode(tok, hidden, "replace").last
+    got, tok, hidden, last = _step_and_replay(obj, enc, batch)
     ref = sum(_literal_hubert_loss(proj(last), emb, obj.labels(batch, tok.index, tok.pad, i), hidden, 0.1)
               for i, (proj, emb) in enumerate([(obj.final_proj, obj.label_embeddings),
                                                 (obj.extra[0].final_proj, obj.extra[0].label_embeddings)]))
@@ -163,8 +163,12 @@ def test_several_codebooks_and_the_topic_head_against_the_literal_loss(cache_dir
     assert got.metrics["loss_masked_sum"].item() == pytest.approx(
         (got.metrics["loss_masked"] + got.metrics["loss_masked_1"]).item(), rel=1e-6)
     calls = []
+
+    def counted(f):
+        return lambda b: calls.append(1) or f(b)
+
     for t in obj.targets:  # both codebooks label from one computation of the features per step
-        t.features = (lambda f: lambda b: calls.append(1) or f(b))(t.features)
+        t.features = counted(t.features)
     torch.manual_seed(5)
     again = obj(batch)
     assert len(calls) == 1 and again.loss.item() == pytest.approx(got.loss.item(), rel=1e-6)
@@ -184,7 +188,7 @@ def test_several_codebooks_and_the_topic_head_against_the_literal_loss(cache_dir
 def test_table_units_give_each_item_its_bag_and_lists_are_checked() -> None:
     """A unit table's rows as bags of units (the topic model's documents); a layer list that does not
     match the codebooks is refused."""
-    from mmssl.objectives.hubert import _Target, _int_list
+    from mmssl.objectives.hubert import _int_list, _Target
     from mmssl.objectives.unit_targets import UnitTable
     from mmssl.objectives.unit_topics import bag_of_units
 
