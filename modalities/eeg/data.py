@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.modalities.eeg import montage
 from mmssl.registry import PRESETS
@@ -286,10 +287,10 @@ class _SynthPreset:
             "name": self.name, "modality": "eeg", "generator_version": synth.GENERATOR_VERSION, "seed": seed,
             "classes": list(synth.CLASSES), "sample_rate": synth.RATE, "seconds": synth.SECONDS,
             "montage_family": self.family, "splits": {}, "bad_samples": {}}
-        write_labelled_splits(out, sizes, lambda split, n: (
-            (codec.encode({"eeg": r.data.astype(np.float16), "eeg_pos": montage.positions(r.ch_names),
-                           "eeg_rate": r.rate, "ch_names": r.ch_names}), r.label)
-            for r in synth.generate(split, n=n, seed=seed, family=self.family)), meta)
+        write_labelled_splits(out, sizes, lambda split, n: pooled(
+            synth.generate, split, n, seed=seed, family=self.family,
+            then=lambda r: (codec.encode({"eeg": r.data.astype(np.float16), "eeg_pos": montage.positions(r.ch_names),
+                                          "eeg_rate": r.rate, "ch_names": r.ch_names}), r.label)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"{self.name}-v{self.version}-seed{seed}"

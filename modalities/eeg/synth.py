@@ -183,13 +183,14 @@ def simulate(label: int, names: list[str], rng: np.random.Generator) -> np.ndarr
     return (x * rng.uniform(5.0, 30.0)).astype(np.float32)  # microvolt-like scale, varying per recording
 
 
-def generate(split: str, n: int | None = None, seed: int = 0, family: str = "train") -> Iterator[Recording]:
+def generate(split: str, n: int | None = None, seed: int = 0, family: str = "train", start: int = 0) -> Iterator[Recording]:
     """Yield ``n`` recordings of ``split`` (default: its size in ``SPLITS`` or, for the unseen
     family, ``UNSEEN_SPLITS``).
 
     Recording ``i`` depends only on ``(family, split, seed, i)``, so a shorter ``n`` yields a prefix
     of the full split; families and splits use disjoint random streams. Labels are balanced over the
-    split's nominal size. Any split name is accepted when ``n`` is given."""
+    split's nominal size. Any split name is accepted when ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     if family not in FAMILIES:
         raise ValueError(f"montage family must be one of {FAMILIES}, not {family!r}")
     sizes = UNSEEN_SPLITS if family == "unseen" else SPLITS
@@ -197,7 +198,7 @@ def generate(split: str, n: int | None = None, seed: int = 0, family: str = "tra
     stream = split if family == "train" else f"{family}/{split}"
     labels = balanced_labels(GENERATOR_VERSION, seed, stream, max(n, sizes.get(split, 0)), NUM_CLASSES)
     code = split_code(stream)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         kind, names = _montage(family, rng)
         y = int(labels[i])

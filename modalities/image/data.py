@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.modalities.image.formats import image_suffixes
 from mmssl.registry import PRESETS
@@ -161,9 +162,12 @@ class ImageSynthPreset:
                                 "classes": list(synth.CLASSES), "image_size": synth.SIZE, "splits": {},
                                 "bad_samples": {}}
         for split, n in synth.SPLITS.items():
-            def samples(split: str = split) -> Any:
-                for i, im in enumerate(synth.generate(split, seed=seed)):
-                    yield _sample(codec, i, im.pixels.transpose(2, 0, 1), im.label)
+            def samples(split: str = split, n: int = n) -> Any:
+                for i, (s, label) in enumerate(pooled(
+                        synth.generate, split, n, seed=seed,
+                        then=lambda im: (codec.encode({"image": im.pixels.transpose(2, 0, 1)}), im.label))):
+                    s.update({"__key__": f"{i:08d}", "cls": str(int(label)).encode(), "sid": str(i).encode()})
+                    yield s
 
             shards = write_split(samples(), out / split, num_shards=8 if split == "train" else 2)
             meta["splits"][split] = {"shards": shards, "count": n}

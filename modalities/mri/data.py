@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
@@ -390,9 +391,9 @@ class MRISynthPreset:
         meta: dict[str, Any] = {"name": "mri-synth", "modality": "mri", "generator_version": synth.GENERATOR_VERSION,
                                 "seed": seed, "classes": list(synth.CLASSES), "contrasts": list(synth.CONTRASTS),
                                 "volume_size": synth.SIZE, "splits": {}, "bad_samples": {}}
-        write_labelled_splits(out, sizes, lambda split, n: (
-            (codec.encode({"mri": c.volumes, "mri_present": c.present}), c.label)
-            for c in synth.generate(split, n=n, seed=seed)), meta)
+        write_labelled_splits(out, sizes, lambda split, n: pooled(
+            synth.generate, split, n, seed=seed,
+            then=lambda c: (codec.encode({"mri": c.volumes, "mri_present": c.present}), c.label)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"mri-synth-v{self.version}-seed{seed}"

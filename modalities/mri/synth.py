@@ -207,17 +207,18 @@ def presence(rng: np.random.Generator, n: int = len(CONTRASTS)) -> np.ndarray:
             return p
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Case]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Case]:
     """Yield ``n`` cases of ``split`` (default: its size in ``SPLITS``).
 
     Case ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix of the full
     split. Splits use disjoint random streams (seeded by the split name). Labels are balanced (a
     shuffled repetition of the classes over the split's nominal size). Any split name is accepted when
-    ``n`` is given."""
+    ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
     code = split_code(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         y = int(labels[i])
         vol, _ = render(y, rng)

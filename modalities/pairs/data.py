@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import build_atomically, write_split
 from mmssl.modalities.image.data import ImageCodec
 from mmssl.modalities.speech.data import SpeechCodec
@@ -86,8 +87,8 @@ class _PairPreset(ABC):
             "tokenizer": TOKENIZER_NAME, **self.extra_meta()}
 
         def pairs(split: str) -> Callable[[], Iterator[Pair]]:
-            return lambda: ((self.encode(x), x.caption, x.label)
-                            for x in gen.generate(split, sizes[split], seed))
+            return lambda: pooled(gen.generate, split, sizes[split], seed=seed,
+                                  then=lambda x: (self.encode(x), x.caption, x.label))
 
         write_pairs(Path(out), meta, {s: pairs(s) for s in sizes})
 

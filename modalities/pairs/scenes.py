@@ -157,17 +157,18 @@ def render(a: Attributes, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Scene]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Scene]:
     """Yield ``n`` scenes of ``split`` (default: its size in ``SPLITS``).
 
     Scene ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix of the full
     split. Splits use disjoint random streams (seeded by the split name). Shape labels are balanced (a
     shuffled repetition of the classes over the split's nominal size); colour, size and position are
-    uniform. Any split name is accepted when ``n`` is given."""
+    uniform. Any split name is accepted when ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
     code = split_code(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         a = draw_attributes(int(labels[i]), rng)
         yield Scene(render(a, rng), a)

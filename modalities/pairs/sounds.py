@@ -185,16 +185,17 @@ def render(a: Attributes, rng: np.random.Generator) -> Sound:
     return Sound(np.clip(wav, -1, 1).astype(np.float32), a, pre, pre + n)
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Sound]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Sound]:
     """Yield ``n`` sounds of ``split`` (default: its size in ``SPLITS``).
 
     Sound ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix of the full
     split. Splits use disjoint random streams (seeded by the split name). Kinds are balanced (a
     shuffled repetition of the classes over the split's nominal size); the other attributes are
-    uniform. Any split name is accepted when ``n`` is given."""
+    uniform. Any split name is accepted when ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
     code = split_code(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         yield render(draw_attributes(int(labels[i]), rng), rng)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_labelled_splits
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
@@ -303,8 +304,8 @@ class PointSynthPreset:
                                 "generator_version": synth.GENERATOR_VERSION, "seed": seed,
                                 "classes": list(synth.CLASSES), "points": list(synth.POINTS), "splits": {},
                                 "bad_samples": {}}
-        write_labelled_splits(out, synth.SPLITS, lambda split, n: (
-            (codec.encode({"point": c.points}), c.label) for c in synth.generate(split, n=n, seed=seed)), meta)
+        write_labelled_splits(out, synth.SPLITS, lambda split, n: pooled(
+            synth.generate, split, n, seed=seed, then=lambda c: (codec.encode({"point": c.points}), c.label)), meta)
 
     def ensure(self, cache_dir: Path, seed: int = 0) -> Path:
         root = Path(cache_dir) / "data" / f"point-synth-v{self.version}-seed{seed}"

@@ -218,16 +218,17 @@ def render(label: int, rng: np.random.Generator) -> np.ndarray:
     return p[rng.permutation(n)].astype(np.float32)
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Cloud]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Cloud]:
     """Yield ``n`` clouds of ``split`` (default: its size in ``SPLITS``).
 
     Cloud ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix of the full
     split. Splits use disjoint random streams (seeded by the split name). Labels are balanced (a
     shuffled repetition of the classes over the split's nominal size). Any split name is accepted
-    when ``n`` is given."""
+    when ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
     code = split_code(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         yield Cloud(render(int(labels[i]), rng), int(labels[i]))

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.modalities.speech.features import HOP, SAMPLE_RATE, WIN, num_frames
 from mmssl.modalities.speech.formats import audio_suffixes
@@ -150,10 +151,11 @@ class SpeechSynthPreset:
                                 "seed": seed, "classes": list(synth.WORDS), "phones": list(synth.PHONES),
                                 "sample_rate": SAMPLE_RATE, "splits": {}, "bad_samples": {}}
         for split, n in synth.SPLITS.items():
-            def samples(split: str = split) -> Any:
-                for i, u in enumerate(synth.generate(split, seed=seed)):
-                    s = codec.encode({"speech": u.wav, "frame_label": u.frame_labels})
-                    s.update({"__key__": f"{i:08d}", "cls": str(int(u.label)).encode(), "sid": str(i).encode()})
+            def samples(split: str = split, n: int = n) -> Any:
+                for i, (s, label) in enumerate(pooled(
+                        synth.generate, split, n, seed=seed,
+                        then=lambda u: (codec.encode({"speech": u.wav, "frame_label": u.frame_labels}), u.label))):
+                    s.update({"__key__": f"{i:08d}", "cls": str(int(label)).encode(), "sid": str(i).encode()})
                     yield s
 
             shards = write_split(samples(), out / split, num_shards=8 if split == "train" else 2)

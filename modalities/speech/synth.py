@@ -150,17 +150,18 @@ def frame_labels_from_samples(sample_labels: np.ndarray) -> np.ndarray:
 
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Utterance]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Utterance]:
     """Yield ``n`` utterances of ``split`` (default: its size in ``SPLITS``).
 
     Deterministic given ``(split, seed)``; utterance ``i`` depends only on ``(split, seed, i)`` so a
     shorter ``n`` yields a prefix of the full split. Splits use disjoint random streams (seeded by the
     split name); the speakers are shared by all splits. Labels are balanced (a shuffled repetition of
-    0..9 over the split's nominal size). Any split name is accepted when ``n`` is given."""
+    0..9 over the split's nominal size). Any split name is accepted when ``n`` is given.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     labels = balanced_labels(GENERATOR_VERSION, seed, split, max(n, SPLITS.get(split, 0)), NUM_CLASSES)
     code = split_code(split)
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         yield synthesize(int(labels[i]), int(rng.integers(NUM_SPEAKERS)), rng)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mmssl.data.pool import pooled
 from mmssl.data.shards import BadSample, build_atomically, write_split
 from mmssl.registry import PRESETS
 from mmssl.types import Batch
@@ -195,10 +196,10 @@ class TextSynthPreset:
                                 "seed": seed, "classes": list(synth.TOPICS), "tokenizer": TOKENIZER_NAME,
                                 "splits": {}, "bad_samples": {}}
         for split, n in synth.SPLITS.items():
-            def samples(split: str = split) -> Iterator[dict[str, Any]]:
-                for i, s in enumerate(synth.generate(split, seed=seed)):
-                    sample = codec.encode({"text": s.text})
-                    sample.update({"__key__": f"{i:08d}", "cls": str(s.label).encode(), "sid": str(i).encode()})
+            def samples(split: str = split, n: int = n) -> Iterator[dict[str, Any]]:
+                for i, (sample, label) in enumerate(pooled(
+                        synth.generate, split, n, seed=seed, then=lambda s: (codec.encode({"text": s.text}), s.label))):
+                    sample.update({"__key__": f"{i:08d}", "cls": str(label).encode(), "sid": str(i).encode()})
                     yield sample
 
             shards = write_split(samples(), out / split, num_shards=8 if split == "train" else 2)

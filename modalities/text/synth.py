@@ -182,16 +182,17 @@ def detokenize(words: list[str]) -> str:
 
 
 
-def generate(split: str, n: int | None = None, seed: int = 0) -> Iterator[Sentence]:
+def generate(split: str, n: int | None = None, seed: int = 0, start: int = 0) -> Iterator[Sentence]:
     """Yield ``n`` sentences of ``split`` (default: its size in ``SPLITS``).
 
     Sentence ``i`` depends only on ``(split, seed, i)``, so a shorter ``n`` yields a prefix. Labels are
-    balanced: a shuffled repetition of the topics over the split's nominal size."""
+    balanced: a shuffled repetition of the topics over the split's nominal size.
+    ``start`` skips the first ``start`` items (one worker's chunk, mmssl/data/pool.py)."""
     n, seed = split_count(split, n, seed, SPLITS)
     code = split_code(split)
     total = max(n, SPLITS.get(split, 0))
     labels = balanced_labels(GENERATOR_VERSION, seed, split, total, len(TOPICS))
-    for i in range(n):
+    for i in range(start, n):
         rng = np.random.default_rng([GENERATOR_VERSION, seed, code, 1, i])
         topic = int(labels[i])
         yield Sentence(detokenize(sentence(rng, topic)), topic)
