@@ -19,7 +19,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/mmssl pretrain modality=speech objective=hubert run_dir=$(DEMO)
+	# batch 32 with the unmasked-frame loss: half the bare command's time, a higher probe (results/hubert.md)
+	$(BIN)/mmssl pretrain modality=speech objective=hubert trainer.batch_size=32 objective.unmasked_weight=1 run_dir=$(DEMO)
 	$(BIN)/mmssl eval linear-probe encoder=$(DEMO) out=$(DEMO)/eval
 	@$(BIN)/python -c "import json; r = json.load(open('$(DEMO)/eval/linear_probe.json')); \
 	print(f\"\\nHuBERT pretraining, speech, {r['n_test']} test items, {r['num_classes']} words: \" \
